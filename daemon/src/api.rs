@@ -1,0 +1,187 @@
+//! The HTTP/1.1 + JSON API on the Unix socket (see `proto/openapi.yaml`).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use sandbox_proto::{
+    ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ImageList, ImportImageRequest, SandboxList, SandboxStatus,
+    StopRequest, VersionInfo, WaitRequest,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::error::HttpError;
+use crate::manager::Manager;
+
+type St = State<Arc<Manager>>;
+type Res<T> = Result<T, HttpError>;
+
+/// Every route the server answers, as `(METHOD, path template)`; checked against the OpenAPI document.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/version"),
+    ("GET", "/v1/sandboxes"),
+    ("POST", "/v1/sandboxes"),
+    ("GET", "/v1/sandboxes/{id}"),
+    ("DELETE", "/v1/sandboxes/{id}"),
+    ("POST", "/v1/sandboxes/{id}/stop"),
+    ("POST", "/v1/sandboxes/{id}/wait"),
+    ("POST", "/v1/sandboxes/{id}/exec"),
+    ("GET", "/v1/sandboxes/{id}/logs"),
+    ("GET", "/v1/images"),
+    ("POST", "/v1/images/import"),
+    ("GET", "/v1/images/{ref}"),
+    ("DELETE", "/v1/images/{ref}"),
+];
+
+/// Builds the router.
+pub fn router(m: Arc<Manager>) -> Router {
+    Router::new()
+        .route("/v1/version", get(version))
+        .route("/v1/sandboxes", get(list).post(create))
+        .route("/v1/sandboxes/{id}", get(get_one).delete(delete))
+        .route("/v1/sandboxes/{id}/stop", post(stop))
+        .route("/v1/sandboxes/{id}/wait", post(wait))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route("/v1/images", get(images))
+        .route("/v1/images/import", post(import))
+        .route("/v1/images/{ref}", get(image).delete(remove_image))
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(m)
+}
+
+/// Decodes a JSON body into `T`; an empty body means `T::default()` when `allow_empty`.
+fn body<T: DeserializeOwned + Default>(b: &Bytes, allow_empty: bool) -> Result<T, HttpError> {
+    if b.iter().all(u8::is_ascii_whitespace) {
+        if allow_empty {
+            return Ok(T::default());
+        }
+        return Err(ApiError::new(ErrorCode::InvalidRequest, "the request needs a JSON body").into());
+    }
+    serde_json::from_slice(b)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON body: {e}")).into())
+}
+
+async fn fallback(method: Method, uri: Uri) -> HttpError {
+    ApiError::new(ErrorCode::NotFound, format!("no route {method} {}", uri.path())).into()
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let e = ApiError::new(ErrorCode::InvalidRequest, format!("method {method} is not allowed on {}", uri.path()));
+    (StatusCode::METHOD_NOT_ALLOWED, Json(sandbox_proto::ErrorBody { error: e })).into_response()
+}
+
+async fn version(State(m): St) -> Json<VersionInfo> {
+    Json(VersionInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        api_version: "v1".to_owned(),
+        cgroup_version: m.cgroup_version().to_owned(),
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct ListQuery {
+    status: Option<String>,
+    tag: Option<String>,
+}
+
+async fn list(State(m): St, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Res<Json<SandboxList>> {
+    let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let mut statuses = Vec::new();
+    for s in q.status.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+        statuses.push(SandboxStatus::parse(s).ok_or_else(|| {
+            ApiError::invalid_argument("status", format!("unknown status {s:?}"))
+        })?);
+    }
+    Ok(Json(SandboxList {
+        sandboxes: m.list(&statuses, q.tag.as_deref()).await,
+    }))
+}
+
+async fn create(State(m): St, b: Bytes) -> Res<impl IntoResponse> {
+    let req: CreateSandboxRequest = body(&b, false)?;
+    let info = m.create(req).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn get_one(State(m): St, Path(id): Path<String>) -> Res<impl IntoResponse> {
+    Ok(Json(m.get(&id).await?))
+}
+
+#[derive(Deserialize, Default)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete(
+    State(m): St,
+    Path(id): Path<String>,
+    q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Res<StatusCode> {
+    let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    m.delete(&id, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stop(State(m): St, Path(id): Path<String>, b: Bytes) -> Res<impl IntoResponse> {
+    let req: StopRequest = body(&b, true)?;
+    Ok(Json(m.stop(&id, req.grace_seconds).await?))
+}
+
+async fn wait(State(m): St, Path(id): Path<String>, b: Bytes) -> Res<impl IntoResponse> {
+    let req: WaitRequest = body(&b, true)?;
+    Ok(Json(m.wait(&id, req.condition, req.timeout_seconds).await?))
+}
+
+async fn exec(State(m): St, Path(id): Path<String>, b: Bytes) -> Res<impl IntoResponse> {
+    let req: ExecRequest = body(&b, false)?;
+    Ok(Json(m.exec(&id, req).await?))
+}
+
+async fn logs(State(m): St, Path(id): Path<String>) -> Res<impl IntoResponse> {
+    Ok(Json(m.logs(&id).await?))
+}
+
+async fn images(State(m): St) -> Res<Json<ImageList>> {
+    Ok(Json(ImageList { images: m.images().await? }))
+}
+
+async fn import(State(m): St, b: Bytes) -> Res<impl IntoResponse> {
+    let req: ImportImageRequest = body(&b, false)?;
+    Ok((StatusCode::CREATED, Json(m.import_image(req).await?)))
+}
+
+async fn image(State(m): St, Path(r): Path<String>) -> Res<impl IntoResponse> {
+    Ok(Json(m.image(&r).await?))
+}
+
+async fn remove_image(
+    State(m): St,
+    Path(r): Path<String>,
+    q: Result<Query<ForceQuery>, axum::extract::rejection::QueryRejection>,
+) -> Res<impl IntoResponse> {
+    let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    Ok(Json(m.remove_image(&r, q.force).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn routes_match_the_openapi_document() {
+        let mut documented = sandbox_proto::client::openapi_routes(sandbox_proto::OPENAPI_YAML);
+        documented.sort();
+        let mut served: Vec<(String, String)> = super::ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
+            .collect();
+        served.sort();
+        assert_eq!(served, documented, "server routes and proto/openapi.yaml disagree");
+    }
+}

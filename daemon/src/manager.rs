@@ -1,0 +1,1143 @@
+//! The sandbox registry: create, supervise, stop, delete, exec, and re-adoption after a daemon restart.
+//!
+//! Persistence rule: a sandbox's record (`sandbox.json`) is written before any resource of it is created
+//! and after every state change, so that a daemon killed at any point can, when it starts again, tell
+//! running sandboxes (re-adopted through a pidfd on their supervisor) from half-created ones (torn down:
+//! processes, cgroup, state directory).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use sandbox_proto::{
+    quantity, ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImageRef,
+    ImportImageRequest, LogsResult, ResourceLimits, SandboxInfo, SandboxStatus, WaitCondition,
+};
+use sandbox_runtime::cgroups::{CgroupManager, Limits, SandboxCgroup};
+use sandbox_runtime::image::{ImageStore, StoredImage};
+use sandbox_runtime::spec::{
+    read_json, ExecEvent, ExecSpec, ExitRecord, ProcRecord, ProcessSpec, SandboxSpec, StartReport, ID_RANGE,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::error::{image_error, internal};
+
+/// How long a supervisor may take to report that its sandbox started.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// After an exec's process exited, how long its output pipes may stay open (held by background
+/// processes it left) before the collected output is returned.
+const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
+/// Cap on each log stream returned by the logs call.
+const LOG_CAP: u64 = 16 << 20;
+
+/// The persisted record of one sandbox (`sandboxes/<id>/sandbox.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    id: String,
+    name: String,
+    image: String,
+    image_digest: String,
+    command: Vec<String>,
+    /// Defaults for execs (env, cwd, user) and, when `command` is not empty, the main process.
+    process: ProcessSpec,
+    created_at_ms: u64,
+    started_at_ms: Option<u64>,
+    status_updated_at_ms: u64,
+    finished_at_ms: Option<u64>,
+    status: SandboxStatus,
+    status_reason: Option<String>,
+    exit: Option<ExitRecord>,
+    init: Option<ProcRecord>,
+    shim: Option<ProcRecord>,
+    limits: ResourceLimits,
+    host_uid: u32,
+    tags: Vec<String>,
+    auto_remove: bool,
+    stop_requested: bool,
+    cgroup: Option<SandboxCgroup>,
+}
+
+impl Record {
+    fn info(&self) -> SandboxInfo {
+        use crate::time::rfc3339;
+        SandboxInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            image: self.image.clone(),
+            image_digest: self.image_digest.clone(),
+            status: self.status,
+            status_reason: self.status_reason.clone(),
+            command: self.command.clone(),
+            created_at: rfc3339(self.created_at_ms),
+            started_at: self.started_at_ms.map(rfc3339),
+            status_updated_at: rfc3339(self.status_updated_at_ms),
+            finished_at: self.finished_at_ms.map(rfc3339),
+            exit: self.exit.as_ref().map(|e| ExitInfo {
+                code: e.code,
+                signal: e.signal,
+                oom_killed: e.oom_killed,
+                reason: e.reason.clone(),
+            }),
+            pid: match self.status {
+                SandboxStatus::Running | SandboxStatus::Terminating => self.init.map(|i| i.pid as u32),
+                _ => None,
+            },
+            limits: self.limits.clone(),
+            host_uid: self.host_uid,
+            tags: self.tags.clone(),
+            auto_remove: self.auto_remove,
+        }
+    }
+
+    fn set_status(&mut self, s: SandboxStatus, reason: Option<String>) {
+        self.status = s;
+        self.status_reason = reason;
+        self.status_updated_at_ms = sandbox_runtime::spec::now_ms();
+    }
+}
+
+struct Entry {
+    dir: PathBuf,
+    rec: StdMutex<Record>,
+    status: watch::Sender<SandboxStatus>,
+}
+
+impl Entry {
+    fn snapshot(&self) -> Record {
+        lock(&self.rec).clone()
+    }
+
+    /// Applies `f` to the record, persists it and publishes the status.
+    fn update(&self, f: impl FnOnce(&mut Record)) -> Record {
+        let rec = {
+            let mut r = lock(&self.rec);
+            f(&mut r);
+            r.clone()
+        };
+        if let Err(e) = persist(&self.dir, &rec) {
+            tracing::error!(id = %rec.id, "persisting the sandbox record: {e}");
+        }
+        self.status.send_replace(rec.status);
+        rec
+    }
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes the record atomically (temp file + rename): it survives a daemon crash at any point.
+fn persist(dir: &Path, rec: &Record) -> std::io::Result<()> {
+    let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let tmp = dir.join(".sandbox.json.tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(tmp, dir.join("sandbox.json"))
+}
+
+/// The daemon's state.
+pub struct Manager {
+    cfg: Config,
+    exe: PathBuf,
+    root: PathBuf,
+    images: Arc<StdMutex<ImageStore>>,
+    cgroups: Arc<CgroupManager>,
+    sandboxes: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
+    counter: AtomicU64,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").field("root", &self.root).finish_non_exhaustive()
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::SandboxNotFound, format!("no sandbox with id or name {id:?}"))
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    use std::io::Read as _;
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = sandbox_runtime::spec::now_ms() ^ u64::from(std::process::id()) << 40;
+        b = t.to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.as_bytes()[0].is_ascii_alphanumeric()
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+fn valid_id(n: &str) -> bool {
+    n.len() == 16 && n.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::invalid_argument(
+                field,
+                format!("invalid environment variable {k:?}: names must be non-empty without '=' or NUL"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn merge_env(base: &[String], extra: &BTreeMap<String, String>) -> Vec<String> {
+    let mut out: Vec<String> = base
+        .iter()
+        .filter(|e| e.split_once('=').is_none_or(|(k, _)| !extra.contains_key(k)))
+        .cloned()
+        .collect();
+    out.extend(extra.iter().map(|(k, v)| format!("{k}={v}")));
+    out
+}
+
+fn validate_timeout(field: &str, t: Option<f64>) -> Result<(), ApiError> {
+    match t {
+        Some(t) if !(t.is_finite() && t > 0.0 && t <= 1e7) => Err(ApiError::invalid_argument(
+            field,
+            format!("{field} must be a positive number of seconds, got {t}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+impl Manager {
+    /// Opens the state directory, the image store and the cgroup parent, and re-adopts sandboxes.
+    pub async fn start(cfg: Config) -> Result<Arc<Self>, anyhow_like::Error> {
+        let exe = std::env::current_exe().map_err(|e| anyhow_like::Error(format!("finding own executable: {e}")))?;
+        let root = cfg.state_dir.join("sandboxes");
+        std::fs::create_dir_all(&root).map_err(|e| anyhow_like::Error(format!("creating {}: {e}", root.display())))?;
+        let images = ImageStore::open(&cfg.state_dir.join("images"))
+            .map_err(|e| anyhow_like::Error(format!("opening the image store: {e}")))?;
+        let cgroups = CgroupManager::new(&cfg.cgroup_parent)
+            .map_err(|e| anyhow_like::Error(format!("setting up the cgroup parent {:?}: {e}", cfg.cgroup_parent)))?;
+        let m = Arc::new(Self {
+            cfg,
+            exe,
+            root,
+            images: Arc::new(StdMutex::new(images)),
+            cgroups: Arc::new(cgroups),
+            sandboxes: tokio::sync::Mutex::new(BTreeMap::new()),
+            counter: AtomicU64::new(0),
+        });
+        m.recover().await;
+        Ok(m)
+    }
+
+    /// `v1` or `v2`.
+    pub fn cgroup_version(&self) -> &'static str {
+        match self.cgroups.version() {
+            sandbox_runtime::cgroups::CgroupVersion::V1 => "v1",
+            sandbox_runtime::cgroups::CgroupVersion::V2 => "v2",
+        }
+    }
+
+    async fn entry(&self, id_or_name: &str) -> Result<Arc<Entry>, ApiError> {
+        let map = self.sandboxes.lock().await;
+        if let Some(e) = map.get(id_or_name) {
+            return Ok(e.clone());
+        }
+        map.values()
+            .find(|e| lock(&e.rec).name == id_or_name)
+            .cloned()
+            .ok_or_else(|| not_found(id_or_name))
+    }
+
+    // ---------------------------------------------------------------- create
+
+    /// Creates and starts a sandbox; answers once it is RUNNING (or failed, leaving nothing behind).
+    pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<SandboxInfo, ApiError> {
+        let image_ref = ImageRef::parse(&req.image)?;
+        let limits = ResourceLimits {
+            memory_bytes: req
+                .resources
+                .memory
+                .as_deref()
+                .map(|m| quantity::parse_memory("resources.memory", m))
+                .transpose()?,
+            cpu_millis: req
+                .resources
+                .cpu
+                .as_deref()
+                .map(|c| quantity::parse_cpu("resources.cpu", c))
+                .transpose()?,
+            pids: match req.resources.pids {
+                None => None,
+                Some(p) if p >= 1 => Some(p as u64),
+                Some(p) => {
+                    return Err(ApiError::invalid_argument(
+                        "resources.pids",
+                        format!("resources.pids must be at least 1, got {p}"),
+                    ))
+                }
+            },
+        };
+        if limits.memory_bytes.is_some_and(|m| m < 4 << 20) {
+            return Err(ApiError::invalid_argument("resources.memory", "resources.memory must be at least 4Mi"));
+        }
+        if let Some(n) = &req.name {
+            if !valid_name(n) {
+                return Err(ApiError::invalid_argument(
+                    "name",
+                    format!("invalid name {n:?}: 1-63 characters of [A-Za-z0-9_.-], starting with a letter or digit"),
+                ));
+            }
+        }
+        if let Some(c) = &req.command {
+            if c.is_empty() || c[0].is_empty() {
+                return Err(ApiError::invalid_argument("command", "command must not be empty"));
+            }
+        }
+        if let Some(cwd) = &req.cwd {
+            if !cwd.starts_with('/') {
+                return Err(ApiError::invalid_argument("cwd", "cwd must be an absolute path"));
+            }
+        }
+        validate_env("env", &req.env)?;
+        if req.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+            return Err(ApiError::invalid_argument("tags", "tags must be 1-128 characters"));
+        }
+
+        let canonical = image_ref.canonical();
+        let image = self.resolve_image(&canonical).await?;
+        let cfg = &image.config;
+        let argv: Vec<String> = match (&req.command, req.use_image_command) {
+            (Some(cmd), _) => cfg.entrypoint.iter().chain(cmd.iter()).cloned().collect(),
+            (None, true) => {
+                let v: Vec<String> = cfg.entrypoint.iter().chain(cfg.cmd.iter()).cloned().collect();
+                if v.is_empty() {
+                    return Err(ApiError::invalid_argument(
+                        "use_image_command",
+                        format!("image {canonical} has no Entrypoint or Cmd"),
+                    ));
+                }
+                v
+            }
+            (None, false) => Vec::new(),
+        };
+        let process = ProcessSpec {
+            args: argv.clone(),
+            env: merge_env(&cfg.env, &req.env),
+            cwd: req
+                .cwd
+                .clone()
+                .unwrap_or_else(|| if cfg.working_dir.is_empty() { "/".into() } else { cfg.working_dir.clone() }),
+            user: req
+                .user
+                .clone()
+                .unwrap_or_else(|| if cfg.user.is_empty() { "0".into() } else { cfg.user.clone() }),
+        };
+
+        // Reserve id, name and uid range, and persist the record before creating anything.
+        let (entry, rec) = {
+            let mut map = self.sandboxes.lock().await;
+            let id = loop {
+                let id = random_id();
+                if !map.contains_key(&id) {
+                    break id;
+                }
+            };
+            let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
+            if map.values().any(|e| lock(&e.rec).name == name) {
+                return Err(ApiError::new(ErrorCode::NameConflict, format!("the name {name:?} is already in use")));
+            }
+            let used: std::collections::HashSet<u32> = map.values().map(|e| lock(&e.rec).host_uid).collect();
+            let host_uid = (0..self.cfg.max_sandboxes)
+                .map(|i| self.cfg.uid_base + i * ID_RANGE)
+                .find(|u| !used.contains(u))
+                .ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::ResourceExhausted,
+                        format!("all {} sandbox uid ranges are in use; remove sandboxes first", self.cfg.max_sandboxes),
+                    )
+                })?;
+            let now = sandbox_runtime::spec::now_ms();
+            let rec = Record {
+                id: id.clone(),
+                name,
+                image: canonical.clone(),
+                image_digest: image.digest.clone(),
+                command: argv,
+                process,
+                created_at_ms: now,
+                started_at_ms: None,
+                status_updated_at_ms: now,
+                finished_at_ms: None,
+                status: SandboxStatus::Creating,
+                status_reason: None,
+                exit: None,
+                init: None,
+                shim: None,
+                limits: limits.clone(),
+                host_uid,
+                tags: req.tags.clone(),
+                auto_remove: req.auto_remove,
+                stop_requested: false,
+                cgroup: None,
+            };
+            let dir = self.root.join(&id);
+            std::fs::create_dir(&dir).map_err(|e| internal("creating the sandbox's state directory", e))?;
+            if let Err(e) = persist(&dir, &rec) {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(internal("persisting the sandbox record", e));
+            }
+            let (tx, _) = watch::channel(rec.status);
+            let entry = Arc::new(Entry {
+                dir,
+                rec: StdMutex::new(rec.clone()),
+                status: tx,
+            });
+            map.insert(id, entry.clone());
+            (entry, rec)
+        };
+
+        match self.start_sandbox(&entry, &rec, &image, &limits).await {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.discard(&entry).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn resolve_image(&self, canonical: &str) -> Result<StoredImage, ApiError> {
+        let images = self.images.clone();
+        let r = canonical.to_owned();
+        let found = tokio::task::spawn_blocking(move || lock(&images).resolve(&r))
+            .await
+            .map_err(|e| internal("image lookup", e))?;
+        found.map_err(|e| match e {
+            sandbox_runtime::image::ImageError::NotFound(_) => ApiError::new(
+                ErrorCode::ImageNotFound,
+                format!("image {canonical} is not stored here; import or pull it first"),
+            ),
+            other => image_error(other),
+        })
+    }
+
+    async fn start_sandbox(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        rec: &Record,
+        image: &StoredImage,
+        limits: &ResourceLimits,
+    ) -> Result<SandboxInfo, ApiError> {
+        let cg_limits = Limits {
+            memory_bytes: limits.memory_bytes,
+            cpu_millis: limits.cpu_millis,
+            pids: limits.pids,
+        };
+        let cgroups = self.cgroups.clone();
+        let id = rec.id.clone();
+        let cgroup = tokio::task::spawn_blocking(move || cgroups.create(&id, &cg_limits))
+            .await
+            .map_err(|e| internal("cgroup creation", e))?
+            .map_err(|e| ApiError::new(ErrorCode::StartFailed, format!("creating the sandbox's cgroup: {e}")))?;
+        entry.update(|r| r.cgroup = Some(cgroup.clone()));
+
+        let layers = lock(&self.images).layer_dirs(image);
+        let spec = SandboxSpec {
+            id: rec.id.clone(),
+            hostname: rec.name.clone(),
+            state_dir: entry.dir.clone(),
+            layers,
+            host_uid: rec.host_uid,
+            cgroup,
+            process: if rec.command.is_empty() { None } else { Some(rec.process.clone()) },
+        };
+        let spec_data = serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
+        std::fs::write(entry.dir.join("spec.json"), spec_data).map_err(|e| internal("writing spec.json", e))?;
+        let shim_log = std::fs::File::create(entry.dir.join("shim.log")).map_err(|e| internal("creating shim.log", e))?;
+
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg0("sandboxd")
+            .arg("shim")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(shim_log))
+            .env_clear()
+            .env(sandbox_runtime::shim::STATE_DIR_ENV, &entry.dir)
+            .env("RUST_BACKTRACE", "1")
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| internal("starting the sandbox supervisor", e))?;
+        let stdout = child.stdout.take().ok_or_else(|| internal("supervisor", "no stdout pipe"))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let report = match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
+            Ok(Ok(Some(line))) => serde_json::from_str::<StartReport>(&line)
+                .map_err(|e| internal("decoding the supervisor's report", format!("{e}: {line:?}"))),
+            Ok(Ok(None)) => Err(ApiError::new(
+                ErrorCode::StartFailed,
+                format!("the sandbox supervisor exited without a report; see {}/shim.log", entry.dir.display()),
+            )),
+            Ok(Err(e)) => Err(internal("reading the supervisor's report", e)),
+            Err(_) => Err(ApiError::new(ErrorCode::StartFailed, "the sandbox did not start within 60 s")),
+        };
+        drop(lines);
+        let init = match report {
+            Ok(StartReport::Started { init }) => init,
+            Ok(StartReport::Failed { message }) => {
+                let _ = child.wait().await;
+                return Err(ApiError::new(ErrorCode::StartFailed, format!("the sandbox could not start: {message}")));
+            }
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        };
+        let shim = read_json::<ProcRecord>(&entry.dir.join("shim.json")).ok().flatten();
+        let rec = entry.update(|r| {
+            r.init = Some(init);
+            r.shim = shim;
+            r.started_at_ms = Some(sandbox_runtime::spec::now_ms());
+            r.set_status(SandboxStatus::Running, None);
+        });
+        let me = self.clone();
+        let id = rec.id.clone();
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            me.finalize(&id).await;
+        });
+        Ok(rec.info())
+    }
+
+    /// Removes every trace of a sandbox that failed to start.
+    async fn discard(&self, entry: &Arc<Entry>) {
+        let rec = entry.snapshot();
+        self.sandboxes.lock().await.remove(&rec.id);
+        let cg = self.cgroups.sandbox(&rec.id);
+        let dir = entry.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = cg.destroy() {
+                tracing::warn!("removing the cgroup of a failed sandbox: {e}");
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
+    }
+
+    /// Called when a sandbox's supervisor has exited: records the outcome.
+    async fn finalize(self: &Arc<Self>, id: &str) {
+        let Ok(entry) = self.entry(id).await else {
+            return;
+        };
+        let exit = read_json::<ExitRecord>(&entry.dir.join("exit.json")).ok().flatten();
+        let cg = self.cgroups.sandbox(id);
+        let rec = entry.snapshot();
+        if exit.is_none() {
+            // The supervisor died without recording anything: make sure nothing of the sandbox survives.
+            if let Some(init) = rec.init {
+                if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time) {
+                    let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL);
+                }
+            }
+        }
+        let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        let rec = entry.update(|r| {
+            let (status, reason) = match &exit {
+                None => (
+                    SandboxStatus::Failed,
+                    "the sandbox's supervisor exited without recording an exit status".to_owned(),
+                ),
+                Some(x) if r.stop_requested => (SandboxStatus::Terminated, format!("stopped: {}", x.reason)),
+                Some(x) if x.code == Some(0) && !x.oom_killed => (SandboxStatus::Completed, x.reason.clone()),
+                Some(x) => (SandboxStatus::Failed, x.reason.clone()),
+            };
+            r.finished_at_ms = Some(exit.as_ref().map_or_else(sandbox_runtime::spec::now_ms, |x| x.finished_at_ms));
+            r.exit = exit.clone().or_else(|| {
+                Some(ExitRecord {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                    reason: reason.clone(),
+                    finished_at_ms: sandbox_runtime::spec::now_ms(),
+                })
+            });
+            r.set_status(status, Some(reason));
+        });
+        tracing::info!(id = %rec.id, status = %rec.status, reason = ?rec.status_reason, "sandbox ended");
+        if rec.auto_remove {
+            let _ = self.remove(&rec.id).await;
+        }
+    }
+
+    // ---------------------------------------------------------------- queries
+
+    /// One sandbox.
+    pub async fn get(&self, id: &str) -> Result<SandboxInfo, ApiError> {
+        Ok(self.entry(id).await?.snapshot().info())
+    }
+
+    /// All sandboxes matching the filters, oldest first.
+    pub async fn list(&self, statuses: &[SandboxStatus], tag: Option<&str>) -> Vec<SandboxInfo> {
+        let map = self.sandboxes.lock().await;
+        let mut v: Vec<SandboxInfo> = map
+            .values()
+            .map(|e| e.snapshot())
+            .filter(|r| statuses.is_empty() || statuses.contains(&r.status))
+            .filter(|r| tag.is_none_or(|t| r.tags.iter().any(|x| x == t)))
+            .map(|r| r.info())
+            .collect();
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        v
+    }
+
+    /// Waits for a condition.
+    pub async fn wait(&self, id: &str, cond: WaitCondition, timeout: Option<f64>) -> Result<SandboxInfo, ApiError> {
+        validate_timeout("timeout_seconds", timeout)?;
+        let entry = self.entry(id).await?;
+        let mut rx = entry.status.subscribe();
+        let reached = |s: SandboxStatus| match cond {
+            WaitCondition::Exited => s.is_terminal(),
+            WaitCondition::Running => s == SandboxStatus::Running || s.is_terminal(),
+        };
+        let fut = rx.wait_for(|s| reached(*s));
+        let res = match timeout {
+            Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut).await.ok(),
+            None => Some(fut.await),
+        };
+        match res {
+            Some(Ok(_)) => Ok(entry.snapshot().info()),
+            Some(Err(_)) => Err(not_found(id)),
+            None => Err(ApiError::new(
+                ErrorCode::WaitTimeout,
+                format!("sandbox {id} did not reach the condition within {} s", timeout.unwrap_or(0.0)),
+            )),
+        }
+    }
+
+    // ---------------------------------------------------------------- stop / delete
+
+    /// SIGTERM, then SIGKILL after `grace` seconds; answers once the main process has exited.
+    pub async fn stop(&self, id: &str, grace: Option<f64>) -> Result<SandboxInfo, ApiError> {
+        let grace = grace.unwrap_or(self.cfg.stop_grace_seconds);
+        if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
+            return Err(ApiError::invalid_argument("grace_seconds", "grace_seconds must be between 0 and 3600"));
+        }
+        let entry = self.entry(id).await?;
+        let rec = entry.snapshot();
+        if rec.status.is_terminal() {
+            return Ok(rec.info());
+        }
+        let rec = entry.update(|r| {
+            r.stop_requested = true;
+            r.set_status(SandboxStatus::Terminating, Some("stop requested".into()));
+        });
+        let Some(init) = rec.init else {
+            return Ok(rec.info());
+        };
+        let signal = |sig: i32| match sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time) {
+            Ok(fd) => {
+                let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), sig);
+            }
+            Err(_) => {}
+        };
+        let mut rx = entry.status.subscribe();
+        if grace > 0.0 {
+            signal(libc::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs_f64(grace), rx.wait_for(|s| s.is_terminal()))
+                .await
+                .is_ok()
+            {
+                return Ok(entry.snapshot().info());
+            }
+        }
+        signal(libc::SIGKILL);
+        if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| s.is_terminal()))
+            .await
+            .is_err()
+        {
+            // Last resort: the init is gone but its supervisor did not report; kill the whole cgroup.
+            let cg = self.cgroups.sandbox(&rec.id);
+            let _ = tokio::task::spawn_blocking(move || cg.kill_all()).await;
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("sandbox {id} did not exit within 30 s of SIGKILL"),
+            ));
+        }
+        Ok(entry.snapshot().info())
+    }
+
+    /// Removes a sandbox; a running one only with `force` (killed first).
+    pub async fn delete(&self, id: &str, force: bool) -> Result<(), ApiError> {
+        let entry = self.entry(id).await?;
+        let rec = entry.snapshot();
+        if !rec.status.is_terminal() {
+            if !force {
+                return Err(ApiError::new(
+                    ErrorCode::SandboxRunning,
+                    format!("sandbox {id} is {}; stop it first or delete with force", rec.status),
+                ));
+            }
+            self.stop(&rec.id, Some(0.0)).await?;
+        }
+        self.remove(&rec.id).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), ApiError> {
+        let Some(entry) = self.sandboxes.lock().await.remove(id) else {
+            return Ok(());
+        };
+        let cg = self.cgroups.sandbox(id);
+        let dir = entry.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            cg.destroy().map_err(|e| internal("removing the sandbox's cgroup", e))?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(internal("removing the sandbox's state directory", e)),
+            }
+        })
+        .await
+        .map_err(|e| internal("remove", e))?
+    }
+
+    // ---------------------------------------------------------------- exec and logs
+
+    /// Runs a command in a running sandbox and collects its output.
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, ApiError> {
+        if req.command.is_empty() || req.command[0].is_empty() {
+            return Err(ApiError::invalid_argument("command", "command must not be empty"));
+        }
+        if req.cwd.as_deref().is_some_and(|c| !c.starts_with('/')) {
+            return Err(ApiError::invalid_argument("cwd", "cwd must be an absolute path"));
+        }
+        validate_env("env", &req.env)?;
+        validate_timeout("timeout_seconds", req.timeout_seconds)?;
+        let entry = self.entry(id).await?;
+        let rec = entry.snapshot();
+        let (Some(init), Some(cgroup), SandboxStatus::Running) = (rec.init, rec.cgroup.clone(), rec.status) else {
+            return Err(ApiError::new(
+                ErrorCode::SandboxNotRunning,
+                format!("sandbox {id} is {}, not RUNNING", rec.status),
+            ));
+        };
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let spec = ExecSpec {
+            init,
+            cgroup,
+            cgroup_leaf: format!("exec-{}-{n}", std::process::id()),
+            process: ProcessSpec {
+                args: req.command.clone(),
+                env: merge_env(&rec.process.env, &req.env),
+                cwd: req.cwd.clone().unwrap_or_else(|| rec.process.cwd.clone()),
+                user: req.user.clone().unwrap_or_else(|| rec.process.user.clone()),
+            },
+            timeout_seconds: req.timeout_seconds,
+        };
+        let cap = req.max_output_bytes.unwrap_or(self.cfg.exec_max_output_bytes);
+        let started = std::time::Instant::now();
+        let out = run_exec_helper(&self.exe, &spec, req.stdin.as_deref().map(str::as_bytes), cap).await?;
+        let mut result = ExecResult::from_bytes(&out.stdout, &out.stderr);
+        result.stdout_truncated = out.stdout_truncated;
+        result.stderr_truncated = out.stderr_truncated;
+        result.duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+        match out.event {
+            ExecEvent::Exited {
+                code,
+                signal,
+                timed_out,
+            } => {
+                result.exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
+                result.signal = signal;
+                if timed_out {
+                    return Err(ApiError::new(
+                        ErrorCode::ExecTimeout,
+                        format!(
+                            "command {:?} timed out after {} s; its process tree was killed",
+                            req.command,
+                            req.timeout_seconds.unwrap_or(0.0)
+                        ),
+                    )
+                    .with_details(serde_json::json!({
+                        "stdout": result.stdout,
+                        "stderr": result.stderr,
+                        "encoding": result.encoding,
+                    })));
+                }
+                Ok(result)
+            }
+            ExecEvent::Failed { message } => {
+                let still = entry.snapshot().status == SandboxStatus::Running;
+                if !still || message.contains("not running") {
+                    Err(ApiError::new(ErrorCode::SandboxNotRunning, format!("sandbox {id} is not running")))
+                } else {
+                    Err(ApiError::new(ErrorCode::Internal, format!("exec failed: {message}")))
+                }
+            }
+            ExecEvent::Started { .. } => Err(internal("exec", "helper ended without an exit status")),
+        }
+    }
+
+    /// The main process's output so far (the last 16 MiB of each stream).
+    pub async fn logs(&self, id: &str) -> Result<LogsResult, ApiError> {
+        let entry = self.entry(id).await?;
+        let dir = entry.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let out = read_tail(&dir.join("stdout.log"), LOG_CAP)?;
+            let err = read_tail(&dir.join("stderr.log"), LOG_CAP)?;
+            Ok(LogsResult::from_bytes(&out, &err))
+        })
+        .await
+        .map_err(|e| internal("logs", e))?
+    }
+
+    // ---------------------------------------------------------------- images
+
+    /// Imports an image from a path on this host.
+    pub async fn import_image(&self, req: ImportImageRequest) -> Result<ImageInfo, ApiError> {
+        let path = PathBuf::from(&req.path);
+        if !path.is_absolute() {
+            return Err(ApiError::invalid_argument("path", "path must be absolute"));
+        }
+        let reference = req
+            .reference
+            .as_deref()
+            .map(|r| ImageRef::parse(r).map(|r| r.canonical()))
+            .transpose()?;
+        let images = self.images.clone();
+        let img = tokio::task::spawn_blocking(move || {
+            let norm = |s: &str| ImageRef::parse(s).map(|r| r.canonical()).map_err(|e| e.message);
+            lock(&images).import(&path, reference.as_deref(), &norm)
+        })
+        .await
+        .map_err(|e| internal("import", e))?
+        .map_err(image_error)?;
+        Ok(image_info(&img))
+    }
+
+    /// All stored images.
+    pub async fn images(&self) -> Result<Vec<ImageInfo>, ApiError> {
+        let images = self.images.clone();
+        let list = tokio::task::spawn_blocking(move || lock(&images).list())
+            .await
+            .map_err(|e| internal("images", e))?
+            .map_err(image_error)?;
+        Ok(list.iter().map(image_info).collect())
+    }
+
+    fn image_key(reference: &str) -> String {
+        if reference.starts_with("sha256:") {
+            reference.to_owned()
+        } else {
+            ImageRef::parse(reference).map(|r| r.canonical()).unwrap_or_else(|_| reference.to_owned())
+        }
+    }
+
+    /// One stored image.
+    pub async fn image(&self, reference: &str) -> Result<ImageInfo, ApiError> {
+        let key = Self::image_key(reference);
+        let images = self.images.clone();
+        let img = tokio::task::spawn_blocking(move || lock(&images).resolve(&key))
+            .await
+            .map_err(|e| internal("image", e))?
+            .map_err(image_error)?;
+        Ok(image_info(&img))
+    }
+
+    /// Removes an image reference; refused while a sandbox uses the image, unless forced.
+    pub async fn remove_image(&self, reference: &str, force: bool) -> Result<ImageInfo, ApiError> {
+        let key = Self::image_key(reference);
+        let images = self.images.clone();
+        let k = key.clone();
+        let img = tokio::task::spawn_blocking(move || lock(&images).resolve(&k))
+            .await
+            .map_err(|e| internal("image", e))?
+            .map_err(image_error)?;
+        if !force {
+            let users: Vec<String> = self
+                .sandboxes
+                .lock()
+                .await
+                .values()
+                .map(|e| e.snapshot())
+                .filter(|r| r.image_digest == img.digest)
+                .map(|r| r.name)
+                .collect();
+            if !users.is_empty() {
+                return Err(ApiError::new(
+                    ErrorCode::ImageInUse,
+                    format!("image {reference} is used by sandbox(es) {}; remove them or force", users.join(", ")),
+                ));
+            }
+        }
+        let images = self.images.clone();
+        let removed = tokio::task::spawn_blocking(move || lock(&images).remove(&key))
+            .await
+            .map_err(|e| internal("image remove", e))?
+            .map_err(image_error)?;
+        Ok(image_info(&removed))
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    /// Re-adopts sandboxes after a (re)start: running ones are watched again, half-created ones and
+    /// orphaned cgroups are torn down.
+    async fn recover(self: &Arc<Self>) {
+        let Ok(dirs) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        let mut known = std::collections::HashSet::new();
+        for d in dirs.flatten() {
+            let dir = d.path();
+            let name = d.file_name().to_string_lossy().into_owned();
+            let rec = match read_json::<Record>(&dir.join("sandbox.json")) {
+                Ok(Some(r)) if r.id == name => r,
+                other => {
+                    tracing::warn!(dir = %dir.display(), ?other, "removing a sandbox directory without a valid record");
+                    self.teardown_orphan(&dir, &name).await;
+                    continue;
+                }
+            };
+            match rec.status {
+                SandboxStatus::Pending | SandboxStatus::Creating => {
+                    tracing::warn!(id = %rec.id, "cleaning up a sandbox whose creation was interrupted");
+                    self.teardown_orphan(&dir, &name).await;
+                    continue;
+                }
+                _ => {}
+            }
+            known.insert(rec.id.clone());
+            let (tx, _) = watch::channel(rec.status);
+            let entry = Arc::new(Entry {
+                dir: dir.clone(),
+                rec: StdMutex::new(rec.clone()),
+                status: tx,
+            });
+            self.sandboxes.lock().await.insert(rec.id.clone(), entry);
+            if rec.status.is_terminal() {
+                continue;
+            }
+            let shim_fd = rec
+                .shim
+                .and_then(|s| sandbox_runtime::sys::pidfd_open_checked(s.pid, s.start_time).ok());
+            match shim_fd {
+                Some(fd) => {
+                    tracing::info!(id = %rec.id, "re-adopted a running sandbox");
+                    let me = self.clone();
+                    let id = rec.id.clone();
+                    tokio::spawn(async move {
+                        wait_pidfd(fd).await;
+                        me.finalize(&id).await;
+                    });
+                }
+                None => self.finalize(&rec.id).await,
+            }
+        }
+        if let Ok(ids) = self.cgroups.list() {
+            for id in ids.into_iter().filter(|i| !known.contains(i)) {
+                tracing::warn!(%id, "removing an orphaned sandbox cgroup");
+                let cg = self.cgroups.sandbox(&id);
+                let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+            }
+        }
+    }
+
+    /// Kills whatever a half-created sandbox left running and removes its cgroup and directory.
+    async fn teardown_orphan(&self, dir: &Path, name: &str) {
+        for f in ["init.json", "shim.json"] {
+            if let Ok(Some(p)) = read_json::<ProcRecord>(&dir.join(f)) {
+                if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(p.pid, p.start_time) {
+                    let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL);
+                    wait_pidfd(fd).await;
+                }
+            }
+        }
+        if valid_id(name) {
+            let cg = self.cgroups.sandbox(name);
+            let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Waits until the process behind a pidfd has exited.
+async fn wait_pidfd(fd: OwnedFd) {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and refers to the
+    // same pidfd for the AsyncFd's whole life, and OwnedFd::as_raw_fd always returns that descriptor.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register(fd) };
+    match registered.map_err(|e| e.to_string()) {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(e) => tracing::error!("watching a pidfd: {e}"),
+    }
+}
+
+fn image_info(img: &StoredImage) -> ImageInfo {
+    ImageInfo {
+        references: img.references.clone(),
+        digest: img.digest.clone(),
+        config_digest: img.config_digest.clone(),
+        size: img.size,
+        created: img.created.clone(),
+        platform: img.platform.clone(),
+        layers: img.layers.clone(),
+    }
+}
+
+fn read_tail(path: &Path, cap: u64) -> Result<Vec<u8>, ApiError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(internal("reading logs", e)),
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > cap {
+        f.seek(SeekFrom::Start(len - cap)).map_err(|e| internal("reading logs", e))?;
+    }
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).map_err(|e| internal("reading logs", e))?;
+    Ok(v)
+}
+
+struct ExecOutput {
+    event: ExecEvent,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    stdout_truncated: bool,
+    stderr_truncated: bool,
+}
+
+#[derive(Default)]
+struct Capped {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Capped>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let mut c = lock(&into);
+                let room = (cap as usize).saturating_sub(c.data.len());
+                if n > room {
+                    c.truncated = true;
+                }
+                let take = n.min(room);
+                c.data.extend_from_slice(&buf[..take]);
+            }
+        }
+    }
+}
+
+/// Starts `sandboxd exec-helper` with its control socket on fd 3 and collects the result.
+async fn run_exec_helper(exe: &Path, spec: &ExecSpec, stdin: Option<&[u8]>, cap: u64) -> Result<ExecOutput, ApiError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", e))?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg0("sandboxd")
+        .arg("exec-helper")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_clear()
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl, which are
+    // async-signal-safe; it touches no memory shared with other threads.
+    unsafe {
+        cmd.pre_exec(move || {
+            if theirs_fd == sandbox_runtime::exec::CONTROL_FD {
+                let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(theirs_fd, sandbox_runtime::exec::CONTROL_FD) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| internal("starting the exec helper", e))?;
+    drop(theirs);
+    ours.set_nonblocking(true).map_err(|e| internal("socket", e))?;
+    let ctl = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", e))?;
+    let (ctl_r, mut ctl_w) = ctl.into_split();
+    let mut line = serde_json::to_vec(spec).map_err(|e| internal("encoding the exec spec", e))?;
+    line.push(b'\n');
+    ctl_w.write_all(&line).await.map_err(|e| internal("sending the exec spec", e))?;
+
+    let out = Arc::new(StdMutex::new(Capped::default()));
+    let err = Arc::new(StdMutex::new(Capped::default()));
+    let so = child.stdout.take().ok_or_else(|| internal("exec", "no stdout pipe"))?;
+    let se = child.stderr.take().ok_or_else(|| internal("exec", "no stderr pipe"))?;
+    let t_out = tokio::spawn(collect(so, cap, out.clone()));
+    let t_err = tokio::spawn(collect(se, cap, err.clone()));
+    if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            let _ = w.write_all(&data).await;
+        });
+    }
+
+    let mut lines = tokio::io::BufReader::new(ctl_r).lines();
+    let mut last = None;
+    while let Ok(Some(l)) = lines.next_line().await {
+        match serde_json::from_str::<ExecEvent>(&l) {
+            Ok(ExecEvent::Started { .. }) => continue,
+            Ok(ev) => {
+                last = Some(ev);
+                break;
+            }
+            Err(e) => {
+                last = Some(ExecEvent::Failed {
+                    message: format!("bad message from the exec helper: {e}"),
+                });
+                break;
+            }
+        }
+    }
+    let _ = child.wait().await;
+    let event = last.unwrap_or(ExecEvent::Failed {
+        message: "the exec helper ended without a result".into(),
+    });
+    // Output written before the exit is already in the pipes; background processes the command left
+    // behind may hold them open, so do not wait for end-of-file longer than a moment.
+    let (mut t_out, mut t_err) = (t_out, t_err);
+    let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN;
+    let _ = tokio::time::timeout_at(deadline, &mut t_out).await;
+    let _ = tokio::time::timeout_at(deadline, &mut t_err).await;
+    t_out.abort();
+    t_err.abort();
+    let (stdout, stdout_truncated) = {
+        let mut c = lock(&out);
+        (std::mem::take(&mut c.data), c.truncated)
+    };
+    let (stderr, stderr_truncated) = {
+        let mut c = lock(&err);
+        (std::mem::take(&mut c.data), c.truncated)
+    };
+    Ok(ExecOutput {
+        event,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+    })
+}
+
+/// A tiny error type for start-up (the binary turns it into `anyhow`).
+pub mod anyhow_like {
+    /// A start-up error message.
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub struct Error(pub String);
+}

@@ -1,0 +1,130 @@
+//! Stable error codes and the error body every failed call returns.
+
+use serde::{Deserialize, Serialize};
+
+/// Machine-readable error code. The string form (`SANDBOX_NOT_FOUND`) is stable API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// The body is not valid JSON or not of the expected shape.
+    InvalidRequest,
+    /// A field has an invalid value; `details.field` names it.
+    InvalidArgument,
+    /// No sandbox with that id or name.
+    SandboxNotFound,
+    /// The sandbox is not RUNNING (exec, or anything needing a live sandbox).
+    SandboxNotRunning,
+    /// The sandbox is still running (delete without force).
+    SandboxRunning,
+    /// The name is already taken.
+    NameConflict,
+    /// No image with that reference is stored.
+    ImageNotFound,
+    /// The input is not a valid image (layout, archive, manifest, config, layer).
+    InvalidImage,
+    /// A stored digest did not match its content.
+    DigestMismatch,
+    /// The image is used by a sandbox (remove without force).
+    ImageInUse,
+    /// The sandbox could not be started (namespaces, mounts, cgroups...).
+    StartFailed,
+    /// An exec ran past its `timeout_seconds`; its process tree was killed.
+    ExecTimeout,
+    /// A wait ran past its `timeout_seconds`.
+    WaitTimeout,
+    /// Out of a resource: uid ranges, disk, pids.
+    ResourceExhausted,
+    /// A bug or an unexpected host failure.
+    Internal,
+    /// Unknown route.
+    NotFound,
+}
+
+impl ErrorCode {
+    /// The HTTP status this code is answered with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::InvalidRequest | Self::InvalidArgument | Self::InvalidImage => 400,
+            Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound => 404,
+            Self::ExecTimeout | Self::WaitTimeout => 408,
+            Self::SandboxNotRunning | Self::SandboxRunning | Self::NameConflict | Self::ImageInUse => 409,
+            Self::DigestMismatch => 422,
+            Self::ResourceExhausted => 507,
+            Self::StartFailed | Self::Internal => 500,
+        }
+    }
+
+    /// The wire string, e.g. `SANDBOX_NOT_FOUND`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "INVALID_REQUEST",
+            Self::InvalidArgument => "INVALID_ARGUMENT",
+            Self::SandboxNotFound => "SANDBOX_NOT_FOUND",
+            Self::SandboxNotRunning => "SANDBOX_NOT_RUNNING",
+            Self::SandboxRunning => "SANDBOX_RUNNING",
+            Self::NameConflict => "NAME_CONFLICT",
+            Self::ImageNotFound => "IMAGE_NOT_FOUND",
+            Self::InvalidImage => "INVALID_IMAGE",
+            Self::DigestMismatch => "DIGEST_MISMATCH",
+            Self::ImageInUse => "IMAGE_IN_USE",
+            Self::StartFailed => "START_FAILED",
+            Self::ExecTimeout => "EXEC_TIMEOUT",
+            Self::WaitTimeout => "WAIT_TIMEOUT",
+            Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::Internal => "INTERNAL",
+            Self::NotFound => "NOT_FOUND",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The JSON body of every error answer: `{"error": {"code": ..., "message": ..., "details": ...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ApiError,
+}
+
+/// One error: a stable code, a sentence for humans, optional structured details.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    /// Stable machine-readable code.
+    pub code: ErrorCode,
+    /// A human sentence naming what failed and why.
+    pub message: String,
+    /// Structured details (`field`, partial `stdout`/`stderr` of a timed-out exec, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    /// An error with no details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// An `INVALID_ARGUMENT` naming the field.
+    pub fn invalid_argument(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::InvalidArgument,
+            message: message.into(),
+            details: Some(serde_json::json!({ "field": field })),
+        }
+    }
+
+    /// Adds structured details.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}

@@ -1,0 +1,435 @@
+//! Request and response bodies of the HTTP API.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Lifecycle state of a sandbox.
+///
+/// `PENDING -> CREATING -> RUNNING -> TERMINATING -> COMPLETED | FAILED`, and `TERMINATED` when stopped
+/// by a user or killed by its lifetime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SandboxStatus {
+    /// Accepted, not yet being created.
+    Pending,
+    /// Namespaces, cgroups and rootfs are being set up.
+    Creating,
+    /// The sandbox's init is running.
+    Running,
+    /// A stop was requested; waiting for the main process to exit.
+    Terminating,
+    /// The main process exited with code 0.
+    Completed,
+    /// The main process exited non-zero, was killed by a signal or OOM, or the sandbox could not start.
+    Failed,
+    /// Stopped by a user request (or its lifetime) before the main process ended on its own.
+    Terminated,
+}
+
+impl SandboxStatus {
+    /// True for COMPLETED, FAILED and TERMINATED.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Terminated)
+    }
+
+    /// The wire name, e.g. `RUNNING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Creating => "CREATING",
+            Self::Running => "RUNNING",
+            Self::Terminating => "TERMINATING",
+            Self::Completed => "COMPLETED",
+            Self::Failed => "FAILED",
+            Self::Terminated => "TERMINATED",
+        }
+    }
+
+    /// Parses a wire name (case-insensitive).
+    pub fn parse(s: &str) -> Option<Self> {
+        let all = [
+            Self::Pending,
+            Self::Creating,
+            Self::Running,
+            Self::Terminating,
+            Self::Completed,
+            Self::Failed,
+            Self::Terminated,
+        ];
+        all.into_iter().find(|v| v.as_str().eq_ignore_ascii_case(s))
+    }
+}
+
+impl std::fmt::Display for SandboxStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Resource limits as the user writes them (`"512Mi"`, `"0.5"`, `"500m"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Memory limit, a Kubernetes-style quantity: `"256Mi"`, `"1G"`, `"1048576"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU limit in cores: `"0.5"`, `"2"`, `"500m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Maximum number of processes (tasks) in the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
+}
+
+/// Resource limits after parsing, as applied to the sandbox's cgroup.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// Memory limit in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in millicores (1000 = one core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    /// Maximum number of tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+/// Body of `POST /v1/sandboxes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandboxRequest {
+    /// Image reference; `busybox` means `docker.io/library/busybox:latest`.
+    pub image: String,
+    /// Unique name, also the sandbox's hostname. Default: `sb-` + the first 8 characters of the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The main process: `command[0]` and its arguments, prefixed by the image's Entrypoint.
+    /// Absent (and `use_image_command` false): the sandbox idles until stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Run the image's Entrypoint + Cmd when `command` is absent.
+    #[serde(default)]
+    pub use_image_command: bool,
+    /// Extra environment, merged over the image's Env.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory of the main process (default: the image's WorkingDir, else `/`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `user[:group]`, names or numbers, resolved in the image (default: the image's User, else root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Resource limits.
+    #[serde(default)]
+    pub resources: Resources,
+    /// Free-form tags for listing and filtering.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Remove the sandbox (state, logs) as soon as its main process has exited and been waited for.
+    #[serde(default)]
+    pub auto_remove: bool,
+}
+
+/// How the main process ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code when it exited normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal number when it was killed by a signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// True when the memory cgroup recorded an OOM kill.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Human-readable reason: `exited with code 3`, `killed by signal 9 (SIGKILL)`, `OOM killed`...
+    pub reason: String,
+}
+
+impl ExitInfo {
+    /// The shell-style exit status: the code, or 128 + signal.
+    pub fn shell_status(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 255,
+        }
+    }
+}
+
+/// Everything the daemon knows about one sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxInfo {
+    /// Unique id (16 hex characters).
+    pub id: String,
+    /// Unique name; also the hostname inside.
+    pub name: String,
+    /// The image reference as normalised (`docker.io/library/busybox:latest`).
+    pub image: String,
+    /// Digest of the image manifest.
+    pub image_digest: String,
+    /// Current state.
+    pub status: SandboxStatus,
+    /// Why the sandbox is in this state (failure or stop reason), when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_reason: Option<String>,
+    /// The full argv of the main process (empty when idle).
+    pub command: Vec<String>,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    /// When the sandbox reached RUNNING.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When the status last changed.
+    pub status_updated_at: String,
+    /// When the main process ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Exit details once terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+    /// Host pid of the sandbox's init while running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Applied limits.
+    pub limits: ResourceLimits,
+    /// Host uid that root inside the sandbox maps to (the range has 65536 ids).
+    pub host_uid: u32,
+    /// Tags given at creation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Whether the sandbox is removed once its main process has exited.
+    #[serde(default)]
+    pub auto_remove: bool,
+}
+
+/// Body of `GET /v1/sandboxes`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SandboxList {
+    /// Sandboxes, oldest first.
+    pub sandboxes: Vec<SandboxInfo>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/stop`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds between SIGTERM and SIGKILL (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_seconds: Option<f64>,
+}
+
+/// What `POST /v1/sandboxes/{id}/wait` waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitCondition {
+    /// Until a terminal state (COMPLETED, FAILED, TERMINATED).
+    #[default]
+    Exited,
+    /// Until RUNNING (or terminal, if it never gets there).
+    Running,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/wait`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WaitRequest {
+    /// What to wait for.
+    #[serde(default)]
+    pub condition: WaitCondition,
+    /// Give up after this many seconds with `WAIT_TIMEOUT` (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<f64>,
+}
+
+/// Body of `POST /v1/sandboxes/{id}/exec` (unary).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// argv; `command[0]` is looked up in the sandbox's PATH.
+    pub command: Vec<String>,
+    /// Working directory inside the sandbox (default: the main process's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Extra environment, merged over the sandbox's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// `user[:group]` inside the sandbox (default: the main process's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Kill the whole process tree after this many seconds and answer `EXEC_TIMEOUT`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_seconds: Option<f64>,
+    /// Keep at most this many bytes of each of stdout and stderr (default 16 MiB); the rest is drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<u64>,
+    /// Bytes written to the process's stdin, then closed (default: empty stdin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+/// How `stdout`/`stderr` strings are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputEncoding {
+    /// Plain text (the output was valid UTF-8).
+    #[default]
+    Utf8,
+    /// Standard base64 (the output was not valid UTF-8).
+    Base64,
+}
+
+/// Body of a successful exec answer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExecResult {
+    /// Shell-style status: exit code, or 128 + signal.
+    pub exit_code: i32,
+    /// The signal that killed the process, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Collected stdout.
+    pub stdout: String,
+    /// Collected stderr.
+    pub stderr: String,
+    /// Encoding of `stdout` and `stderr`.
+    #[serde(default)]
+    pub encoding: OutputEncoding,
+    /// True when stdout was cut at `max_output_bytes`.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    /// True when stderr was cut at `max_output_bytes`.
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    /// Wall time from start to exit.
+    pub duration_ms: f64,
+}
+
+impl ExecResult {
+    /// Builds a result, choosing the encoding from the bytes.
+    pub fn from_bytes(stdout: &[u8], stderr: &[u8]) -> Self {
+        use base64::Engine as _;
+        match (std::str::from_utf8(stdout), std::str::from_utf8(stderr)) {
+            (Ok(o), Ok(e)) => Self {
+                stdout: o.to_owned(),
+                stderr: e.to_owned(),
+                encoding: OutputEncoding::Utf8,
+                ..Self::default()
+            },
+            _ => {
+                let b = base64::engine::general_purpose::STANDARD;
+                Self {
+                    stdout: b.encode(stdout),
+                    stderr: b.encode(stderr),
+                    encoding: OutputEncoding::Base64,
+                    ..Self::default()
+                }
+            }
+        }
+    }
+
+    /// Decoded stdout bytes.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        decode(self.encoding, &self.stdout)
+    }
+
+    /// Decoded stderr bytes.
+    pub fn stderr_bytes(&self) -> Vec<u8> {
+        decode(self.encoding, &self.stderr)
+    }
+}
+
+fn decode(enc: OutputEncoding, s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    match enc {
+        OutputEncoding::Utf8 => s.as_bytes().to_vec(),
+        OutputEncoding::Base64 => base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .unwrap_or_default(),
+    }
+}
+
+/// Body of `GET /v1/sandboxes/{id}/logs`: what the main process wrote so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LogsResult {
+    /// stdout of the main process.
+    pub stdout: String,
+    /// stderr of the main process.
+    pub stderr: String,
+    /// Encoding of both strings.
+    #[serde(default)]
+    pub encoding: OutputEncoding,
+}
+
+impl LogsResult {
+    /// Builds a result, choosing the encoding from the bytes.
+    pub fn from_bytes(stdout: &[u8], stderr: &[u8]) -> Self {
+        let r = ExecResult::from_bytes(stdout, stderr);
+        Self {
+            stdout: r.stdout,
+            stderr: r.stderr,
+            encoding: r.encoding,
+        }
+    }
+
+    /// Decoded stdout bytes.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        decode(self.encoding, &self.stdout)
+    }
+
+    /// Decoded stderr bytes.
+    pub fn stderr_bytes(&self) -> Vec<u8> {
+        decode(self.encoding, &self.stderr)
+    }
+}
+
+/// Body of `POST /v1/images/import`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImageRequest {
+    /// Absolute path, on the daemon's host, of an OCI image layout directory, an OCI layout tarball or a
+    /// `docker save` tarball (optionally gzip-compressed).
+    pub path: String,
+    /// Name to store it under (`busybox:latest`); default: the name recorded in the archive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+}
+
+/// A stored image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    /// Normalised references that point at this image.
+    pub references: Vec<String>,
+    /// Digest of the manifest (`sha256:...`).
+    pub digest: String,
+    /// Digest of the image config.
+    pub config_digest: String,
+    /// Sum of the layers' compressed sizes in bytes.
+    pub size: u64,
+    /// Creation time from the image config, if recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
+    /// Platform, e.g. `linux/amd64`.
+    pub platform: String,
+    /// Layer (diff id) digests, bottom first.
+    pub layers: Vec<String>,
+}
+
+/// Body of `GET /v1/images`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageList {
+    /// Stored images.
+    pub images: Vec<ImageInfo>,
+}
+
+/// Body of `GET /v1/version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Daemon version.
+    pub version: String,
+    /// API version (`v1`).
+    pub api_version: String,
+    /// `v1` or `v2`.
+    pub cgroup_version: String,
+}

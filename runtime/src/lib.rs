@@ -1,0 +1,19 @@
+//! sandboxd's Linux isolation layer. Synchronous: no async runtime lives here.
+//!
+//! - [`image`]: the content-addressed image store (import, verify, unpack with in-root path resolution).
+//! - [`cgroups`]: one cgroup per sandbox under the daemon's own parent, v1 and v2.
+//! - [`seccomp`]: the default seccomp filter.
+//! - [`spec`]: what the daemon hands a sandbox's supervisor.
+//! - [`shim`]: the per-sandbox supervisor and the sandbox's init.
+//! - [`exec`]: the helper that enters a running sandbox and runs a command in it.
+//! - [`sys`]: the few raw syscalls the crates above do not wrap, each behind a small safe function.
+
+pub mod cgroups;
+pub mod exec;
+pub mod image;
+pub mod process;
+pub mod rootfs;
+pub mod seccomp;
+pub mod shim;
+pub mod spec;
+pub mod sys;

@@ -1,0 +1,206 @@
+//! The sandbox's root filesystem, set up by the sandbox's init inside its own user and mount namespaces.
+//!
+//! Order matters (after runc's `rootfs_linux.go`, written anew):
+//! 1. the overlay is already mounted at `rootfs` by the supervisor (read-only idmapped lowers, private upper);
+//! 2. `pivot_root(rootfs, rootfs/.sandboxd-oldroot)` FIRST, so that every later mount target is resolved
+//!    with the sandbox's root as `/` (an image's absolute symlink `/proc -> /etc` then stays inside it);
+//! 3. proc, a tmpfs `/dev` with bind-mounted device nodes, devpts, shm, mqueue, read-only sysfs — the old
+//!    root is still attached, which the kernel needs to allow proc and sysfs in a user namespace;
+//! 4. masked and read-only paths; `/etc/hosts` and `/etc/hostname`;
+//! 5. the old root is detached and its mount point removed.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Where the old root is attached during setup, relative to the new root.
+pub const OLD_ROOT: &str = ".sandboxd-oldroot";
+
+/// Errors of rootfs setup; each names the step and path.
+#[derive(Debug, thiserror::Error)]
+#[error("{step} {path}: {source}")]
+pub struct RootfsError {
+    step: &'static str,
+    path: String,
+    #[source]
+    source: std::io::Error,
+}
+
+fn err(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(nix::errno::Errno) -> RootfsError {
+    let path = path.as_ref().display().to_string();
+    move |e| RootfsError {
+        step,
+        path,
+        source: std::io::Error::from(e),
+    }
+}
+
+fn ioerr(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let path = path.as_ref().display().to_string();
+    move |source| RootfsError { step, path, source }
+}
+
+/// Paths masked from the sandbox: files get `/dev/null` bound over them, directories an empty read-only tmpfs.
+pub const MASKED_PATHS: &[&str] = &[
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Paths made read-only inside the sandbox.
+pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn mkdir_p(p: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(p).map_err(ioerr("mkdir", p))
+}
+
+fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), RootfsError> {
+    mount(Some(src), target, Some(fstype), flags, data).map_err(err("mount", target))
+}
+
+/// Step 2: makes `rootfs` the root. The caller's cwd becomes `/`.
+pub fn pivot(rootfs: &Path) -> Result<(), RootfsError> {
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(err("make private", "/"))?;
+    // The overlay was mounted in a more privileged mount namespace, so in ours it is locked, and
+    // pivot_root refuses a locked new root: a bind of it onto itself, made here, is ours and is not locked.
+    mount(Some(rootfs), rootfs, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(err("bind rootfs", rootfs))?;
+    let old = rootfs.join(OLD_ROOT);
+    match std::fs::create_dir(&old) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(ioerr("mkdir", &old)(e)),
+    }
+    nix::unistd::pivot_root(rootfs, &old).map_err(err("pivot_root", rootfs))?;
+    nix::unistd::chdir("/").map_err(err("chdir", "/"))?;
+    Ok(())
+}
+
+/// Steps 3 and 4. `hosts` and `hostname` are paths of prepared files on the host, as seen through the old root.
+pub fn setup_mounts(state_dir_in_old: &Path) -> Result<(), RootfsError> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    for d in ["/proc", "/dev", "/sys", "/etc", "/tmp"] {
+        mkdir_p(Path::new(d))?;
+    }
+    mnt("proc", "/proc", "proc", nosuid_nodev_noexec, None)?;
+    mnt(
+        "tmpfs",
+        "/dev",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+    )?;
+    let old_dev = Path::new("/").join(OLD_ROOT).join("dev");
+    for d in DEVICES {
+        let target = PathBuf::from("/dev").join(d);
+        std::fs::File::create(&target).map_err(ioerr("create", &target))?;
+        mount(
+            Some(&old_dev.join(d)),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("bind device", &target))?;
+    }
+    mkdir_p(Path::new("/dev/pts"))?;
+    mnt(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
+    mkdir_p(Path::new("/dev/shm"))?;
+    mnt("shm", "/dev/shm", "tmpfs", nosuid_nodev_noexec, Some("mode=1777,size=65536k"))?;
+    mkdir_p(Path::new("/dev/mqueue"))?;
+    mnt("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev_noexec, None)?;
+    for (link, target) in [
+        ("/dev/ptmx", "pts/ptmx"),
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+        ("/dev/core", "/proc/kcore"),
+    ] {
+        symlink(target, link).map_err(ioerr("symlink", link))?;
+    }
+    mnt("sysfs", "/sys", "sysfs", nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
+
+    for p in MASKED_PATHS {
+        mask(Path::new(p))?;
+    }
+    for p in READONLY_PATHS {
+        readonly(Path::new(p))?;
+    }
+
+    for name in ["hosts", "hostname"] {
+        let src = state_dir_in_old.join(name);
+        let target = PathBuf::from("/etc").join(name);
+        if !target.exists() {
+            std::fs::File::create(&target).map_err(ioerr("create", &target))?;
+        }
+        mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err("bind", &target))?;
+    }
+    let tmp = Path::new("/tmp");
+    if let Ok(m) = std::fs::metadata(tmp) {
+        if m.permissions().mode() & 0o7777 == 0o755 && m.is_dir() {
+            // An image without a /tmp of its own got one from mkdir above: make it what programs expect.
+            let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o1777));
+        }
+    }
+    Ok(())
+}
+
+fn mask(p: &Path) -> Result<(), RootfsError> {
+    let meta = match std::fs::symlink_metadata(p) {
+        Ok(m) => m,
+        Err(_) => return Ok(()),
+    };
+    if meta.is_dir() {
+        mount(
+            Some("tmpfs"),
+            p,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=0,mode=555"),
+        )
+        .map_err(err("mask", p))
+    } else {
+        mount(Some("/dev/null"), p, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err("mask", p))
+    }
+}
+
+fn readonly(p: &Path) -> Result<(), RootfsError> {
+    if std::fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    mount(Some(p), p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err("bind", p))?;
+    let flags = MsFlags::MS_BIND
+        | MsFlags::MS_REMOUNT
+        | MsFlags::MS_RDONLY
+        | MsFlags::MS_NOSUID
+        | MsFlags::MS_NODEV
+        | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, p, None::<&str>, flags, None::<&str>).map_err(err("remount read-only", p))
+}
+
+/// Step 5: detaches the old root and removes its mount point.
+pub fn drop_old_root() -> Result<(), RootfsError> {
+    let old = Path::new("/").join(OLD_ROOT);
+    umount2(&old, MntFlags::MNT_DETACH).map_err(err("umount", &old))?;
+    std::fs::remove_dir(&old).map_err(ioerr("rmdir", &old))
+}

@@ -1,0 +1,466 @@
+//! The per-sandbox supervisor ("shim") and the sandbox's init.
+//!
+//! The daemon starts the supervisor as a fresh process (`sandboxd shim`, state directory in `SANDBOXD_SHIM_STATE_DIR`: a new exec, never a
+//! fork of the multi-threaded daemon). The supervisor:
+//! 1. enters a private mount namespace of its own (so nothing it mounts is ever visible on the host, and
+//!    everything it mounts disappears with it);
+//! 2. clones the sandbox's init into new user, pid, uts, ipc and net namespaces (`clone3`, with a pidfd);
+//! 3. as the parent, writes the init's uid/gid maps (root inside = `host_uid` outside), puts it into the
+//!    sandbox's cgroup, bind-mounts each image layer idmapped through the sandbox's user namespace and
+//!    mounts the overlay (layers read-only, the sandbox's own upper) — then lets the init go on;
+//! 4. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
+//! 5. reaps the init, reads the main process's status from it, checks the memory cgroup for an OOM kill,
+//!    writes `exit.json` durably, removes the cgroup and exits. The daemon learns of the exit through a
+//!    pidfd on the supervisor — also after the daemon itself was restarted.
+//!
+//! The init (pid 1 inside) unshares the mount and cgroup namespaces, pivots into the rootfs, mounts
+//! proc/dev/sys, sets the hostname, brings loopback up, forks the main process (or none: the sandbox idles),
+//! then reaps every child (no zombies when user code forks), forwards signals to the main process, and exits
+//! with the main process. Because it is pid 1, its exit kills whatever else runs in the sandbox.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{Gid, Pid, Uid};
+
+use crate::spec::{read_json, write_json_atomic, ExitRecord, ProcRecord, SandboxSpec, StartReport, ID_RANGE};
+
+/// Errors of the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    /// Reading the spec failed.
+    #[error("reading the sandbox spec in {dir}: {source}")]
+    Spec {
+        /// State dir.
+        dir: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A setup step on the supervisor's side failed.
+    #[error("{step}: {source}")]
+    Step {
+        /// What was being done.
+        step: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The init reported a failure before it was ready.
+    #[error("{0}")]
+    Init(String),
+}
+
+fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> ShimError {
+    let step = what.into();
+    move |e| ShimError::Step { step, source: e.into() }
+}
+
+/// Environment variable that carries the state directory to `sandboxd shim`.
+pub const STATE_DIR_ENV: &str = "SANDBOXD_SHIM_STATE_DIR";
+
+/// Namespaces the init is cloned into; mount and cgroup namespaces are unshared by the init itself
+/// (after the supervisor mounted its rootfs and put it into its cgroup).
+const CLONE_NS: CloneFlags = CloneFlags::from_bits_truncate(
+    CloneFlags::CLONE_NEWUSER.bits()
+        | CloneFlags::CLONE_NEWPID.bits()
+        | CloneFlags::CLONE_NEWUTS.bits()
+        | CloneFlags::CLONE_NEWIPC.bits()
+        | CloneFlags::CLONE_NEWNET.bits(),
+);
+
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+fn pipe() -> Result<Pipe, ShimError> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(step("pipe"))?;
+    Ok(Pipe { read, write })
+}
+
+/// Entry point of `sandboxd shim` (state directory in [`STATE_DIR_ENV`]). Returns the process exit code.
+pub fn main(state_dir: &Path) -> i32 {
+    let _ = nix::unistd::setsid();
+    let spec: SandboxSpec = match read_json(&state_dir.join("spec.json")) {
+        Ok(Some(s)) => s,
+        Ok(None) => return report_and_exit(&format!("no spec.json in {}", state_dir.display())),
+        Err(e) => {
+            return report_and_exit(
+                &ShimError::Spec {
+                    dir: state_dir.display().to_string(),
+                    source: e,
+                }
+                .to_string(),
+            )
+        }
+    };
+    let me = std::process::id() as i32;
+    if let Ok(t) = crate::sys::process_start_time(me) {
+        let _ = write_json_atomic(&state_dir.join("shim.json"), &ProcRecord { pid: me, start_time: t });
+    }
+    match start(&spec) {
+        Ok(init) => {
+            send_report(&StartReport::Started { init: init.record });
+            detach_stdout();
+            supervise(&spec, init)
+        }
+        Err(e) => report_and_exit(&e.to_string()),
+    }
+}
+
+fn report_and_exit(message: &str) -> i32 {
+    send_report(&StartReport::Failed {
+        message: message.to_owned(),
+    });
+    1
+}
+
+fn send_report(r: &StartReport) {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"failed\":{\"message\":\"encoding\"}}".to_vec());
+    line.push(b'\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(&line);
+    let _ = out.flush();
+}
+
+/// After the report the daemon may go away at any time: stdout must not be a pipe it holds.
+fn detach_stdout() {
+    if let Ok(null) = OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(null.as_fd());
+    }
+}
+
+struct Init {
+    record: ProcRecord,
+    pid: Pid,
+    status_read: OwnedFd,
+}
+
+fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
+    let hosts = format!(
+        "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback {h}\n",
+        h = spec.hostname
+    );
+    std::fs::write(spec.state_dir.join("hosts"), hosts).map_err(step("writing hosts"))?;
+    std::fs::write(spec.state_dir.join("hostname"), format!("{}\n", spec.hostname))
+        .map_err(step("writing hostname"))?;
+    Ok(())
+}
+
+fn open_log(path: &Path) -> Result<File, ShimError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(step(format!("opening {}", path.display())))
+}
+
+fn start(spec: &SandboxSpec) -> Result<Init, ShimError> {
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step("making / private"))?;
+    write_support_files(spec)?;
+    let stdout = open_log(&spec.state_dir.join("stdout.log"))?;
+    let stderr = open_log(&spec.state_dir.join("stderr.log"))?;
+    let upper = spec.state_dir.join("upper");
+    let work = spec.state_dir.join("work");
+    let rootfs = spec.state_dir.join("rootfs");
+    for d in [&upper, &work, &rootfs] {
+        std::fs::create_dir_all(d).map_err(step(format!("mkdir {}", d.display())))?;
+    }
+    let owner = Some(Uid::from_raw(spec.host_uid));
+    let group = Some(Gid::from_raw(spec.host_uid));
+    nix::unistd::chown(&upper, owner, group).map_err(step("chown upper"))?;
+    nix::unistd::chown(&work, owner, group).map_err(step("chown work"))?;
+    let _ = std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755));
+
+    let filter = crate::seccomp::default_filter().map_err(|e| ShimError::Init(format!("seccomp filter: {e}")))?;
+    let go = pipe()?;
+    let ready = pipe()?;
+    let status = pipe()?;
+
+    let child = crate::sys::clone3_fork(CLONE_NS.bits() as u64, None).map_err(step("clone3"))?;
+    let (pid, _pidfd) = match child {
+        crate::sys::CloneResult::Child => {
+            drop(go.write);
+            drop(ready.read);
+            drop(status.read);
+            init_main(spec, go.read, ready.write, status.write, stdout, stderr, &filter)
+        }
+        crate::sys::CloneResult::Parent { pid, pidfd } => (Pid::from_raw(pid), pidfd),
+    };
+    drop(go.read);
+    drop(ready.write);
+    drop(status.write);
+    drop(stdout);
+    drop(stderr);
+
+    let setup = prepare_child(spec, pid, &rootfs, &upper, &work);
+    if let Err(e) = setup {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        return Err(e);
+    }
+    let mut go_w = File::from(go.write);
+    go_w.write_all(b"G").map_err(step("releasing init"))?;
+    drop(go_w);
+
+    let mut msg = String::new();
+    let _ = File::from(ready.read).read_to_string(&mut msg);
+    if msg != "OK" {
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        let msg = msg.strip_prefix("ERR ").unwrap_or(&msg);
+        return Err(ShimError::Init(if msg.is_empty() {
+            "the sandbox init died during setup".to_owned()
+        } else {
+            msg.to_owned()
+        }));
+    }
+    let start_time = crate::sys::process_start_time(pid.as_raw()).map_err(step("reading the init's start time"))?;
+    let record = ProcRecord {
+        pid: pid.as_raw(),
+        start_time,
+    };
+    write_json_atomic(&spec.state_dir.join("init.json"), &record).map_err(step("writing init.json"))?;
+    Ok(Init {
+        record,
+        pid,
+        status_read: status.read,
+    })
+}
+
+/// The supervisor's half of setup, while the init waits: id maps, cgroup, idmapped layers, overlay.
+fn prepare_child(spec: &SandboxSpec, pid: Pid, rootfs: &Path, upper: &Path, work: &Path) -> Result<(), ShimError> {
+    let map = format!("0 {} {}\n", spec.host_uid, ID_RANGE);
+    std::fs::write(format!("/proc/{pid}/uid_map"), &map).map_err(step("writing uid_map"))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), &map).map_err(step("writing gid_map"))?;
+    spec.cgroup
+        .add_process(pid.as_raw() as u32)
+        .map_err(|e| ShimError::Init(format!("joining the sandbox cgroup: {e}")))?;
+
+    let userns = File::open(format!("/proc/{pid}/ns/user")).map_err(step("opening the init's user namespace"))?;
+    let lower_root = spec.state_dir.join("lower");
+    let mut lowers: Vec<PathBuf> = Vec::with_capacity(spec.layers.len());
+    for (i, layer) in spec.layers.iter().enumerate() {
+        let target = lower_root.join(i.to_string());
+        std::fs::create_dir_all(&target).map_err(step(format!("mkdir {}", target.display())))?;
+        crate::sys::idmapped_bind(layer, &target, userns.as_fd())
+            .map_err(step(format!("idmapped mount of layer {}", layer.display())))?;
+        lowers.push(target);
+    }
+    if lowers.is_empty() {
+        return Err(ShimError::Init("the image has no layers".to_owned()));
+    }
+    // overlayfs wants the top layer first.
+    let lowerdir = lowers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let opts = format!(
+        "lowerdir={lowerdir},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
+    );
+    mount(Some("overlay"), rootfs, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
+        .map_err(step("mounting the overlay rootfs"))?;
+    for l in &lowers {
+        // The overlay holds its own references to the layers; the idmapped mounts are no longer needed.
+        let _ = umount2(l, MntFlags::MNT_DETACH);
+    }
+    Ok(())
+}
+
+fn write_fd(fd: &OwnedFd, data: &[u8]) {
+    let _ = nix::unistd::write(fd, data);
+}
+
+/// The init, from clone to forever. Never returns.
+fn init_main(
+    spec: &SandboxSpec,
+    go: OwnedFd,
+    ready: OwnedFd,
+    status: OwnedFd,
+    stdout: File,
+    stderr: File,
+    filter: &seccompiler::BpfProgram,
+) -> ! {
+    let mut b = [0u8; 1];
+    if !matches!(nix::unistd::read(&go, &mut b), Ok(1)) {
+        crate::sys::exit_now(1);
+    }
+    drop(go);
+    let main_pid = match init_setup(spec, stdout, stderr, filter) {
+        Ok(p) => p,
+        Err(msg) => {
+            write_fd(&ready, format!("ERR {msg}").as_bytes());
+            crate::sys::exit_now(1);
+        }
+    };
+    write_fd(&ready, b"OK");
+    drop(ready);
+    init_loop(main_pid, status)
+}
+
+fn init_setup(spec: &SandboxSpec, stdout: File, stderr: File, filter: &seccompiler::BpfProgram) -> Result<Option<Pid>, String> {
+    let root = Uid::from_raw(0);
+    let rootg = Gid::from_raw(0);
+    nix::unistd::setresgid(rootg, rootg, rootg).map_err(|e| format!("setgid 0 in the user namespace: {e}"))?;
+    nix::unistd::setresuid(root, root, root).map_err(|e| format!("setuid 0 in the user namespace: {e}"))?;
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| format!("unshare mount and cgroup namespaces: {e}"))?;
+    let rootfs = spec.state_dir.join("rootfs");
+    crate::rootfs::pivot(&rootfs).map_err(|e| e.to_string())?;
+    let state_in_old = Path::new("/")
+        .join(crate::rootfs::OLD_ROOT)
+        .join(spec.state_dir.strip_prefix("/").unwrap_or(&spec.state_dir));
+    crate::rootfs::setup_mounts(&state_in_old).map_err(|e| e.to_string())?;
+    crate::rootfs::drop_old_root().map_err(|e| e.to_string())?;
+    nix::unistd::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    crate::sys::loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl dumpable: {e}"))?;
+    SigSet::all()
+        .thread_block()
+        .map_err(|e| format!("blocking signals: {e}"))?;
+
+    let Some(process) = &spec.process else {
+        if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(null.as_fd());
+            let _ = nix::unistd::dup2_stdout(null.as_fd());
+            let _ = nix::unistd::dup2_stderr(null.as_fd());
+        }
+        return Ok(None);
+    };
+    // SAFETY: the init is single-threaded (a clone of the single-threaded supervisor), so the child owns a
+    // consistent copy of the process and may allocate freely.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            let null = OpenOptions::new().read(true).open("/dev/null");
+            if let Ok(null) = null {
+                let _ = nix::unistd::dup2_stdin(null.as_fd());
+            }
+            let _ = nix::unistd::dup2_stdout(stdout.as_fd());
+            let _ = nix::unistd::dup2_stderr(stderr.as_fd());
+            crate::process::exec_user_process(process, Some(&spec.hostname), Some(filter))
+        }
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            // The init itself keeps no channel to the outside on its stdio.
+            if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdin(null.as_fd());
+                let _ = nix::unistd::dup2_stdout(null.as_fd());
+                let _ = nix::unistd::dup2_stderr(null.as_fd());
+            }
+            Ok(Some(child))
+        }
+        Err(e) => Err(format!("fork of the main process: {e}")),
+    }
+}
+
+/// Status of the main process as the init passes it to the supervisor: kind (0 exit, 1 signal) + value.
+fn encode_status(ws: WaitStatus) -> Option<[u8; 5]> {
+    let (kind, v) = match ws {
+        WaitStatus::Exited(_, c) => (0u8, c),
+        WaitStatus::Signaled(_, s, _) => (1u8, s as i32),
+        _ => return None,
+    };
+    let mut b = [0u8; 5];
+    b[0] = kind;
+    b[1..].copy_from_slice(&v.to_le_bytes());
+    Some(b)
+}
+
+fn init_loop(main: Option<Pid>, status: OwnedFd) -> ! {
+    let all = SigSet::all();
+    loop {
+        let sig = match all.wait() {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        match sig {
+            Signal::SIGCHLD => loop {
+                match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(ws) => {
+                        if main.is_some() && ws.pid() == main {
+                            if let Some(b) = encode_status(ws) {
+                                write_fd(&status, &b);
+                            }
+                            let code = match ws {
+                                WaitStatus::Exited(_, c) => c,
+                                WaitStatus::Signaled(_, s, _) => 128 + s as i32,
+                                _ => 255,
+                            };
+                            crate::sys::exit_now(code);
+                        }
+                    }
+                }
+            },
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP | Signal::SIGQUIT if main.is_none() => {
+                // An idle sandbox ends cleanly on a stop request.
+                write_fd(&status, &[0, 0, 0, 0, 0]);
+                crate::sys::exit_now(0);
+            }
+            s => {
+                if let Some(m) = main {
+                    let _ = kill(m, s);
+                }
+            }
+        }
+    }
+}
+
+fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
+    let ws = waitpid(init.pid, None);
+    let mut buf = [0u8; 5];
+    let got = nix::unistd::read(&init.status_read, &mut buf).unwrap_or(0);
+    let (code, signal) = if got == 5 {
+        let v = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        if buf[0] == 0 {
+            (Some(v), None)
+        } else {
+            (None, Some(v))
+        }
+    } else {
+        match ws {
+            Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
+            Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
+            _ => (None, Some(libc::SIGKILL)),
+        }
+    };
+    let oom_killed = spec.cgroup.oom_kill_count().map(|n| n > 0).unwrap_or(false);
+    let reason = match (code, signal, oom_killed) {
+        (_, _, true) => "OOM killed: the sandbox reached its memory limit".to_owned(),
+        (Some(c), _, _) => format!("exited with code {c}"),
+        (None, Some(s), _) => format!("killed by signal {s} ({})", crate::spec::signal_name(s)),
+        (None, None, _) => "ended for an unknown reason".to_owned(),
+    };
+    let record = ExitRecord {
+        code,
+        signal,
+        oom_killed,
+        reason,
+        finished_at_ms: crate::spec::now_ms(),
+    };
+    let mut rc = 0;
+    if let Err(e) = write_json_atomic(&spec.state_dir.join("exit.json"), &record) {
+        let _ = writeln!(std::io::stderr(), "sandboxd shim: writing exit.json: {e}");
+        rc = 1;
+    }
+    if let Err(e) = spec.cgroup.destroy() {
+        let _ = writeln!(std::io::stderr(), "sandboxd shim: removing the cgroup: {e}");
+    }
+    rc
+}

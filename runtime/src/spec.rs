@@ -1,0 +1,177 @@
+//! What the daemon hands a sandbox's supervisor and the exec helper, and what they write back.
+//!
+//! A sandbox's state directory holds:
+//! - `spec.json` ([`SandboxSpec`]), written by the daemon before anything is created;
+//! - `shim.json` ([`ProcRecord`]), written by the supervisor as its first act;
+//! - `init.json` ([`ProcRecord`]), written once the sandbox's init runs;
+//! - `exit.json` ([`ExitRecord`]), written (fsync + rename) once the init has been reaped;
+//! - `stdout.log`, `stderr.log`: the main process's output;
+//! - `upper/`, `work/`: the overlay's writable layer; `rootfs/`, `lower/N`: mount points that are only
+//!   ever mounted inside the supervisor's private mount namespace (nothing leaks on the host's).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroups::SandboxCgroup;
+
+/// Size of the uid/gid range given to each sandbox.
+pub const ID_RANGE: u32 = 65536;
+
+/// Everything needed to create one sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Sandbox id.
+    pub id: String,
+    /// Hostname inside (the sandbox's name).
+    pub hostname: String,
+    /// The sandbox's state directory.
+    pub state_dir: PathBuf,
+    /// Unpacked image layers, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// Host uid (and gid) that root inside maps to; the range is [`ID_RANGE`] long.
+    pub host_uid: u32,
+    /// The sandbox's cgroup (already created by the daemon, limits applied).
+    pub cgroup: SandboxCgroup,
+    /// The main process; `None` means the sandbox idles until stopped.
+    pub process: Option<ProcessSpec>,
+}
+
+/// A process to run inside a sandbox.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// argv; `args[0]` is looked up in the `PATH` of `env` when it has no `/`.
+    pub args: Vec<String>,
+    /// Environment as `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+    /// `user[:group]`, names or numbers, resolved in the sandbox's `/etc/passwd` and `/etc/group`.
+    pub user: String,
+}
+
+/// One process named for good: pid plus start time (so a reused pid is never mistaken for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRecord {
+    /// Host pid.
+    pub pid: i32,
+    /// Start time in clock ticks since boot (`/proc/<pid>/stat` field 22).
+    pub start_time: u64,
+}
+
+/// How a sandbox's main process ended, as recorded by its supervisor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    /// Exit code, when it exited.
+    pub code: Option<i32>,
+    /// Signal number, when a signal killed it.
+    pub signal: Option<i32>,
+    /// The memory cgroup recorded an OOM kill.
+    pub oom_killed: bool,
+    /// A human sentence.
+    pub reason: String,
+    /// Milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+}
+
+/// The supervisor's first and only message to the daemon on its stdout (one JSON line).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartReport {
+    /// The init is running.
+    Started {
+        /// The init process.
+        init: ProcRecord,
+    },
+    /// Creation failed; nothing of the sandbox is left running.
+    Failed {
+        /// What failed, for humans.
+        message: String,
+    },
+}
+
+/// What the daemon sends the exec helper (one JSON line on fd 3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecSpec {
+    /// The sandbox's init.
+    pub init: ProcRecord,
+    /// The sandbox's cgroup; the exec gets a leaf child cgroup of it.
+    pub cgroup: SandboxCgroup,
+    /// Name of the leaf cgroup for this exec.
+    pub cgroup_leaf: String,
+    /// The process.
+    pub process: ProcessSpec,
+    /// Kill the process tree after this many seconds.
+    pub timeout_seconds: Option<f64>,
+}
+
+/// The exec helper's messages to the daemon (JSON lines on fd 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecEvent {
+    /// The process runs (host pid).
+    Started {
+        /// Host pid.
+        pid: i32,
+    },
+    /// The process ended.
+    Exited {
+        /// Exit code.
+        code: Option<i32>,
+        /// Killing signal.
+        signal: Option<i32>,
+        /// Killed at the deadline.
+        timed_out: bool,
+    },
+    /// The exec could not be started.
+    Failed {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `value` as JSON to `path` atomically and durably: temp file, fsync, rename, fsync of the directory.
+pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads a JSON file; `Ok(None)` when it does not exist.
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Signal name for messages (`SIGKILL`), or the number.
+pub fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
