@@ -38,7 +38,7 @@ pub fn parse_memory(field: &str, s: &str) -> Result<u64, ApiError> {
     };
     let v: f64 = num.parse().map_err(|_| bad())?;
     let bytes = v * mult;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 9.2e18 {
+    if !bytes.is_finite() || !(1.0..=9.2e18).contains(&bytes) {
         return Err(ApiError::invalid_argument(
             field,
             format!("memory quantity {s:?} is out of range (1 byte to 8 EiB)"),

@@ -136,7 +136,7 @@ pub fn resolve_user_in(user: &str, passwd: &str, group: &str) -> Result<Credenti
     let mut extra: Vec<u32> = match (g, entry) {
         (None, Some(e)) => groups
             .iter()
-            .filter(|gr| gr.members.iter().any(|m| *m == e.name))
+            .filter(|gr| gr.members.contains(&e.name))
             .map(|gr| gr.gid)
             .collect(),
         _ => Vec::new(),

@@ -2,7 +2,7 @@
 //!
 //! Order matters (after runc's `rootfs_linux.go`, written anew):
 //! 1. the overlay is already mounted at `rootfs` by the supervisor (read-only idmapped lowers, private upper);
-//! 2. `pivot_root(rootfs, rootfs/.sandboxd-oldroot)` FIRST, so that every later mount target is resolved
+//! 2. `pivot_root(".", ".sandboxd-oldroot")` from inside the rootfs, FIRST, so that every later mount target is resolved
 //!    with the sandbox's root as `/` (an image's absolute symlink `/proc -> /etc` then stays inside it);
 //! 3. proc, a tmpfs `/dev` with bind-mounted device nodes, devpts, shm, mqueue, read-only sysfs — the old
 //!    root is still attached, which the kernel needs to allow proc and sysfs in a user namespace;
@@ -70,27 +70,54 @@ fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>
     mount(Some(src), target, Some(fstype), flags, data).map_err(err("mount", target))
 }
 
-/// Step 2: makes `rootfs` the root. The caller's cwd becomes `/`.
-pub fn pivot(rootfs: &Path) -> Result<(), RootfsError> {
+/// Files of the sandbox's state directory bind-mounted into it, opened (`O_PATH`) before the init gives up
+/// the host's root uid.
+#[derive(Debug)]
+pub struct SupportFiles {
+    hosts: std::os::fd::OwnedFd,
+    hostname: std::os::fd::OwnedFd,
+}
+
+impl SupportFiles {
+    /// Opens `hosts` and `hostname` in `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, RootfsError> {
+        let o = |name: &str| {
+            let p = state_dir.join(name);
+            nix::fcntl::open(
+                p.as_path(),
+                nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(err("open", &p))
+        };
+        Ok(Self {
+            hosts: o("hosts")?,
+            hostname: o("hostname")?,
+        })
+    }
+}
+
+fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Step 2: makes the current directory (the rootfs mount) the root; the cwd becomes `/`.
+pub fn pivot_cwd() -> Result<(), RootfsError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(err("make private", "/"))?;
-    // The overlay was mounted in a more privileged mount namespace, so in ours it is locked, and
-    // pivot_root refuses a locked new root: a bind of it onto itself, made here, is ours and is not locked.
-    mount(Some(rootfs), rootfs, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(err("bind rootfs", rootfs))?;
-    let old = rootfs.join(OLD_ROOT);
-    match std::fs::create_dir(&old) {
+    match std::fs::create_dir(OLD_ROOT) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(ioerr("mkdir", &old)(e)),
+        Err(e) => return Err(ioerr("mkdir", OLD_ROOT)(e)),
     }
-    nix::unistd::pivot_root(rootfs, &old).map_err(err("pivot_root", rootfs))?;
+    nix::unistd::pivot_root(".", OLD_ROOT).map_err(err("pivot_root", "rootfs"))?;
     nix::unistd::chdir("/").map_err(err("chdir", "/"))?;
     Ok(())
 }
 
-/// Steps 3 and 4. `hosts` and `hostname` are paths of prepared files on the host, as seen through the old root.
-pub fn setup_mounts(state_dir_in_old: &Path) -> Result<(), RootfsError> {
+/// Steps 3 and 4.
+pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     for d in ["/proc", "/dev", "/sys", "/etc", "/tmp"] {
         mkdir_p(Path::new(d))?;
@@ -147,8 +174,8 @@ pub fn setup_mounts(state_dir_in_old: &Path) -> Result<(), RootfsError> {
         readonly(Path::new(p))?;
     }
 
-    for name in ["hosts", "hostname"] {
-        let src = state_dir_in_old.join(name);
+    for (name, fd) in [("hosts", &support.hosts), ("hostname", &support.hostname)] {
+        let src = fd_path(fd);
         let target = PathBuf::from("/etc").join(name);
         if !target.exists() {
             std::fs::File::create(&target).map_err(ioerr("create", &target))?;

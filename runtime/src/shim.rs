@@ -66,10 +66,11 @@ fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> S
 /// Environment variable that carries the state directory to `sandboxd shim`.
 pub const STATE_DIR_ENV: &str = "SANDBOXD_SHIM_STATE_DIR";
 
-/// Namespaces the init is cloned into; mount and cgroup namespaces are unshared by the init itself
-/// (after the supervisor mounted its rootfs and put it into its cgroup).
+/// Namespaces the init is cloned into; the cgroup namespace is unshared by the init itself once the
+/// supervisor has put it into its cgroup.
 const CLONE_NS: CloneFlags = CloneFlags::from_bits_truncate(
     CloneFlags::CLONE_NEWUSER.bits()
+        | CloneFlags::CLONE_NEWNS.bits()
         | CloneFlags::CLONE_NEWPID.bits()
         | CloneFlags::CLONE_NEWUTS.bits()
         | CloneFlags::CLONE_NEWIPC.bits()
@@ -250,12 +251,30 @@ fn prepare_child(spec: &SandboxSpec, pid: Pid, rootfs: &Path, upper: &Path, work
         .map_err(|e| ShimError::Init(format!("joining the sandbox cgroup: {e}")))?;
 
     let userns = File::open(format!("/proc/{pid}/ns/user")).map_err(step("opening the init's user namespace"))?;
+    // The overlay is mounted from inside the init's own mount namespace: a mount made there is not
+    // "locked" (as one copied from a more privileged namespace would be), so the init can pivot into it.
+    let own_mnt = File::open("/proc/self/ns/mnt").map_err(step("opening the supervisor's mount namespace"))?;
+    let init_mnt = File::open(format!("/proc/{pid}/ns/mnt")).map_err(step("opening the init's mount namespace"))?;
+    crate::sys::setns(init_mnt.as_fd(), libc::CLONE_NEWNS).map_err(step("entering the init's mount namespace"))?;
+    let mounted = mount_rootfs(spec, userns.as_fd(), rootfs, upper, work);
+    crate::sys::setns(own_mnt.as_fd(), libc::CLONE_NEWNS).map_err(step("returning to the supervisor's mount namespace"))?;
+    mounted
+}
+
+/// Bind-mounts each layer idmapped through the sandbox's user namespace and mounts the overlay on them.
+fn mount_rootfs(
+    spec: &SandboxSpec,
+    userns: std::os::fd::BorrowedFd<'_>,
+    rootfs: &Path,
+    upper: &Path,
+    work: &Path,
+) -> Result<(), ShimError> {
     let lower_root = spec.state_dir.join("lower");
     let mut lowers: Vec<PathBuf> = Vec::with_capacity(spec.layers.len());
     for (i, layer) in spec.layers.iter().enumerate() {
         let target = lower_root.join(i.to_string());
         std::fs::create_dir_all(&target).map_err(step(format!("mkdir {}", target.display())))?;
-        crate::sys::idmapped_bind(layer, &target, userns.as_fd())
+        crate::sys::idmapped_bind(layer, &target, userns)
             .map_err(step(format!("idmapped mount of layer {}", layer.display())))?;
         lowers.push(target);
     }
@@ -315,19 +334,19 @@ fn init_main(
 }
 
 fn init_setup(spec: &SandboxSpec, stdout: File, stderr: File, filter: &seccompiler::BpfProgram) -> Result<Option<Pid>, String> {
+    // Host paths are looked up now, while this process still has the host's root uid (which owns the state
+    // directory, whatever its parents' modes): afterwards it is the sandbox's unprivileged uid.
+    let rootfs = spec.state_dir.join("rootfs");
+    nix::unistd::chdir(&rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
+    let support = crate::rootfs::SupportFiles::open(&spec.state_dir).map_err(|e| e.to_string())?;
     let root = Uid::from_raw(0);
     let rootg = Gid::from_raw(0);
     nix::unistd::setresgid(rootg, rootg, rootg).map_err(|e| format!("setgid 0 in the user namespace: {e}"))?;
     nix::unistd::setresuid(root, root, root).map_err(|e| format!("setuid 0 in the user namespace: {e}"))?;
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP)
-        .map_err(|e| format!("unshare mount and cgroup namespaces: {e}"))?;
-    let rootfs = spec.state_dir.join("rootfs");
-    crate::rootfs::pivot(&rootfs).map_err(|e| e.to_string())?;
-    let state_in_old = Path::new("/")
-        .join(crate::rootfs::OLD_ROOT)
-        .join(spec.state_dir.strip_prefix("/").unwrap_or(&spec.state_dir));
-    crate::rootfs::setup_mounts(&state_in_old).map_err(|e| e.to_string())?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("unshare cgroup namespace: {e}"))?;
+    crate::rootfs::pivot_cwd().map_err(|e| e.to_string())?;
+    crate::rootfs::setup_mounts(&support).map_err(|e| e.to_string())?;
     crate::rootfs::drop_old_root().map_err(|e| e.to_string())?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
     crate::sys::loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;

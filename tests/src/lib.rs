@@ -1,1 +1,712 @@
-//! Shared harness for the end-to-end tests lives in tests/tests/common.
+//! Shared harness of the privileged end-to-end tests: a real `sandboxd` per test (own socket, state
+//! directory and cgroup parent), the real `sandboxctl`, and the busybox OCI image built by
+//! `scripts/build-busybox-image`.
+//!
+//! Every [`Daemon`] checks, when dropped, that nothing of its sandboxes is left behind: no state
+//! directories, no mounts, no cgroups, no supervisor processes. A test that leaks fails.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, OnceLock};
+use std::time::Duration;
+
+use sandbox_proto::client::{BlockingClient, ClientError};
+use sandbox_proto::{
+    CreateSandboxRequest, ErrorCode, ExecRequest, ExecResult, ImageInfo, ImportImageRequest,
+    SandboxInfo, SandboxStatus, WaitCondition, WaitRequest,
+};
+
+pub use sandbox_proto;
+
+/// How long a daemon may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The workspace root (parent of this crate).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// Where `sandboxd` and `sandboxctl` live: `$SANDBOXD_BIN_DIR`, else `<workspace>/target/release`.
+pub fn bin_dir() -> PathBuf {
+    match std::env::var_os("SANDBOXD_BIN_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => workspace_root().join("target").join("release"),
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `cargo build --release` first (or set SANDBOXD_BIN_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `scripts/build-busybox-image OUTDIR [--tar FILE]`; panics with its output on failure.
+pub fn build_busybox_image(outdir: &Path, tar: Option<&Path>) {
+    let mut cmd = Command::new(workspace_root().join("scripts/build-busybox-image"));
+    cmd.arg(outdir);
+    if let Some(t) = tar {
+        cmd.arg("--tar").arg(t);
+    }
+    let out = cmd.output().expect("running scripts/build-busybox-image");
+    assert!(
+        out.status.success(),
+        "build-busybox-image failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn manifest_digest(layout: &Path) -> Option<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).ok()?).ok()?;
+    index["manifests"][0]["digest"].as_str().map(str::to_owned)
+}
+
+/// The busybox OCI layout, built once per test binary run into `target/test-images/busybox-oci`.
+///
+/// Built in a temporary directory next to it and renamed into place, so several test binaries running
+/// at once never see a half-written layout. The build is reproducible: when another binary already put
+/// a layout with the same manifest digest in place, that one is used.
+pub fn busybox_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let base = workspace_root().join("target").join("test-images");
+        fs::create_dir_all(&base).expect("creating target/test-images");
+        let dest = base.join("busybox-oci");
+        let tmp = tempfile::Builder::new()
+            .prefix(".build-")
+            .tempdir_in(&base)
+            .expect("temp dir in target/test-images");
+        let built = tmp.path().join("busybox-oci");
+        build_busybox_image(&built, None);
+        let digest = manifest_digest(&built).expect("the built layout has an index.json");
+        for _ in 0..3 {
+            match fs::rename(&built, &dest) {
+                Ok(()) => return dest,
+                Err(_) if manifest_digest(&dest).as_deref() == Some(digest.as_str()) => {
+                    // Same reproducible build already in place (from another binary or an earlier run).
+                    return dest;
+                }
+                Err(_) => {
+                    // A stale layout (e.g. another busybox version): move it aside atomically, then retry.
+                    let trash = tmp.path().join("stale");
+                    let _ = fs::remove_dir_all(&trash);
+                    let _ = fs::rename(&dest, &trash);
+                }
+            }
+        }
+        panic!("could not put the busybox layout in place at {}", dest.display());
+    })
+}
+
+/// The reference the shared image is imported under.
+pub const BUSYBOX: &str = "busybox:latest";
+
+/// Mounted cgroup hierarchies: `(mount point, mount root, controllers or super options)`.
+fn cgroup_mounts() -> Vec<(PathBuf, String, Vec<String>, bool)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((pre, post)) = line.split_once(" - ") else {
+            continue;
+        };
+        let pre: Vec<&str> = pre.split(' ').collect();
+        let post: Vec<&str> = post.split(' ').collect();
+        if pre.len() < 5 || post.len() < 3 {
+            continue;
+        }
+        let fstype = post[0];
+        if fstype != "cgroup" && fstype != "cgroup2" {
+            continue;
+        }
+        let opts: Vec<String> = post[2].split(',').map(str::to_owned).collect();
+        out.push((
+            PathBuf::from(pre[4]),
+            pre[3].to_owned(),
+            opts,
+            fstype == "cgroup2",
+        ));
+    }
+    out
+}
+
+/// `<hierarchy mount>/<this process's cgroup there>/<parent>` for every mounted cgroup hierarchy, keyed
+/// by the hierarchy's mount point. The daemon is a child of this process, so it starts in the same cgroups.
+pub fn cgroup_parent_dirs(parent: &str) -> BTreeMap<PathBuf, PathBuf> {
+    let own = fs::read_to_string("/proc/self/cgroup").expect("reading /proc/self/cgroup");
+    let own: Vec<(String, Vec<String>, String)> = own
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let id = it.next()?.to_owned();
+            let ctls = it.next()?.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            Some((id, ctls, it.next()?.to_owned()))
+        })
+        .collect();
+    let mut out = BTreeMap::new();
+    for (mount_point, mount_root, opts, v2) in cgroup_mounts() {
+        let path = own.iter().find_map(|(id, ctls, path)| {
+            let matches = if v2 {
+                id == "0" && ctls.is_empty()
+            } else {
+                ctls.iter().any(|c| opts.contains(c))
+            };
+            matches.then_some(path.as_str())
+        });
+        let Some(path) = path else { continue };
+        let root = mount_root.trim_end_matches('/');
+        let Some(rel) = path.strip_prefix(root) else {
+            continue;
+        };
+        let dir = mount_point.join(rel.trim_start_matches('/')).join(parent);
+        out.insert(mount_point, dir);
+    }
+    out
+}
+
+/// Host pids of processes whose environment names `state_dir` as a supervisor's state directory
+/// (`SANDBOXD_SHIM_STATE_DIR=<state_dir>/...`) and whose command line is `sandboxd shim`.
+pub fn shim_processes(state_dir: &Path) -> Vec<i32> {
+    let needle = format!("SANDBOXD_SHIM_STATE_DIR={}/", state_dir.display());
+    let mut pids = Vec::new();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if !cmdline.starts_with(b"sandboxd\0shim\0") {
+            continue;
+        }
+        let Ok(env) = fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if env
+            .split(|b| *b == 0)
+            .any(|v| v.starts_with(needle.as_bytes()))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Mount points (field 5 of mountinfo) under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let text = fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    let d = dir.display().to_string();
+    text.lines()
+        .filter(|l| l.contains(&d))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Opens a pidfd on `pid` and blocks until the process has exited.
+pub fn wait_pid_exit(pid: i32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "pidfd_open({pid}): {e}");
+        return; // already gone
+    }
+    let fd = fd as i32;
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `p` is a valid pollfd for the duration of the call and we pass a count of 1.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r >= 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll on pidfd: {e}");
+    }
+    // SAFETY: `fd` is the descriptor pidfd_open returned above, owned here and closed once.
+    unsafe { libc::close(fd) };
+}
+
+/// Sends `sig` to `pid`.
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill takes plain integers.
+    let r = unsafe { libc::kill(pid, sig) };
+    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+}
+
+/// One field of `/proc/<pid>/status` (e.g. `Uid`), without the key.
+pub fn proc_status_field(pid: i32, key: &str) -> String {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc/<pid>/status");
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// A `sandboxd` started for one test, with its own socket, state directory and cgroup parent.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The API socket.
+    pub socket: PathBuf,
+    /// `--state-dir`.
+    pub state_dir: PathBuf,
+    /// `--cgroup-parent` (relative: created under the daemon's own cgroup in every hierarchy).
+    pub cgroup_parent: String,
+    /// The daemon's log (its stderr), appended to across restarts.
+    pub log: PathBuf,
+    child: Option<Child>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts a fresh daemon and waits until it listens.
+    pub fn start() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        // The state directory's ancestors must be traversable by the sandboxes' unprivileged root
+        // (the rootfs is bind-mounted from inside the sandbox's user namespace), so 0755, not 0700.
+        let dir = tempfile::Builder::new()
+            .prefix("sandboxd-test-")
+            .permissions(fs::Permissions::from_mode(0o755))
+            .tempdir()
+            .expect("temp dir");
+        let mut d = Self {
+            socket: dir.path().join("s.sock"),
+            state_dir: dir.path().join("state"),
+            cgroup_parent: format!("sandboxd-test-{}-{n}", std::process::id()),
+            log: dir.path().join("sandboxd.log"),
+            child: None,
+            dir: Some(dir),
+        };
+        d.spawn();
+        d
+    }
+
+    /// The `sandboxd` command line this daemon runs with.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(bin("sandboxd"));
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--cgroup-parent")
+            .arg(&self.cgroup_parent)
+            .arg("--log")
+            .arg("info");
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        let mut cmd = self.command();
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_remove("SANDBOXD_LOG")
+            // Its own process group: a Ctrl-C of the test run does not reach it before the guard does.
+            .process_group(0);
+        let mut child = cmd.spawn().expect("spawning sandboxd");
+        let stderr = child.stderr.take().expect("stderr pipe");
+        let mut log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("daemon log file");
+        // The daemon logs "sandboxd listening" once its socket is bound, listening and has its final
+        // mode and owner: that line is the readiness event. The thread keeps copying the daemon's stderr
+        // into the log so that the pipe never fills; end-of-file means the daemon exited.
+        let (tx, rx) = mpsc::channel::<bool>();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stderr);
+            let mut line = Vec::new();
+            let mut told = false;
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let _ = log.write_all(&line);
+                        if !told && String::from_utf8_lossy(&line).contains("sandboxd listening") {
+                            told = true;
+                            let _ = tx.send(true);
+                        }
+                    }
+                }
+            }
+            if !told {
+                let _ = tx.send(false);
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(true) => {}
+            Ok(false) => {
+                let status = child.wait().expect("wait for sandboxd");
+                panic!(
+                    "sandboxd exited during start-up ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "sandboxd did not listen within {START_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                );
+            }
+        }
+        self.child = Some(child);
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("daemon running").id() as i32
+    }
+
+    /// A client of this daemon.
+    pub fn client(&self) -> BlockingClient {
+        BlockingClient::new(&self.socket).expect("client runtime")
+    }
+
+    /// Runs `sandboxctl ARGS` against this daemon (socket chosen through `SANDBOXD_SOCKET`).
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("sandboxctl"))
+            .args(args)
+            .env(sandbox_proto::SOCKET_ENV, &self.socket)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running sandboxctl")
+    }
+
+    /// Like [`Daemon::ctl`], asserting success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "sandboxctl {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// SIGKILLs the daemon (sandboxes keep running) and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        kill(child.id() as i32, libc::SIGKILL);
+        let status = child.wait().expect("wait for sandboxd");
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+    }
+
+    /// Starts the daemon again on the same socket, state directory and cgroup parent.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop_daemon();
+        }
+        self.spawn();
+    }
+
+    /// SIGTERM and wait (graceful shutdown; sandboxes keep running).
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill(child.id() as i32, libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+
+    /// Imports the shared busybox layout as `busybox:latest`.
+    pub fn import_busybox(&self) -> ImageInfo {
+        self.client()
+            .import_image(&ImportImageRequest {
+                path: busybox_image().display().to_string(),
+                reference: Some(BUSYBOX.to_owned()),
+            })
+            .expect("importing busybox")
+    }
+
+    /// A sandbox's state directory.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("sandboxes").join(id)
+    }
+
+    /// Entries of `<state>/sandboxes`.
+    pub fn sandbox_dirs(&self) -> Vec<String> {
+        match fs::read_dir(self.state_dir.join("sandboxes")) {
+            Ok(rd) => {
+                let mut v: Vec<String> = rd
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                v.sort();
+                v
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The cgroup parent in every hierarchy, keyed by mount point.
+    pub fn cgroup_parents(&self) -> BTreeMap<PathBuf, PathBuf> {
+        cgroup_parent_dirs(&self.cgroup_parent)
+    }
+
+    /// The parent directory in the hierarchy mounted at `/sys/fs/cgroup/<controller>` (v1).
+    pub fn cgroup_parent_of(&self, controller: &str) -> PathBuf {
+        let mp = PathBuf::from("/sys/fs/cgroup").join(controller);
+        self.cgroup_parents()
+            .get(&mp)
+            .cloned()
+            .unwrap_or_else(|| panic!("no cgroup hierarchy mounted at {}", mp.display()))
+    }
+
+    /// Sub-directories (sandbox cgroups) under the parent in every hierarchy.
+    pub fn sandbox_cgroups(&self) -> Vec<PathBuf> {
+        let mut v = Vec::new();
+        for dir in self.cgroup_parents().values() {
+            if let Ok(rd) = fs::read_dir(dir) {
+                v.extend(
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path()),
+                );
+            }
+        }
+        v.sort();
+        v
+    }
+
+    /// Asserts that nothing but the given sandbox ids has a state directory or a cgroup.
+    pub fn assert_only_sandboxes(&self, ids: &[&str]) {
+        let mut want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+        want.sort();
+        assert_eq!(self.sandbox_dirs(), want, "sandbox state directories");
+        for cg in self.sandbox_cgroups() {
+            let name = cg.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            assert!(
+                want.contains(&name),
+                "unexpected cgroup {} (expected only {want:?})",
+                cg.display()
+            );
+        }
+    }
+
+    fn cleanup(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.child.is_some() {
+            let c = self.client();
+            match c.list(&[], None) {
+                Ok(list) => {
+                    for s in list.sandboxes {
+                        if let Err(e) = c.delete(&s.id, true) {
+                            // Auto-removed meanwhile is fine.
+                            if e.api_code() != Some(ErrorCode::SandboxNotFound) {
+                                problems.push(format!("force-deleting sandbox {}: {e}", s.id));
+                            }
+                        }
+                    }
+                }
+                Err(e) => problems.push(format!("listing sandboxes at cleanup: {e}")),
+            }
+            self.stop_daemon();
+        }
+        let left = self.sandbox_dirs();
+        if !left.is_empty() {
+            problems.push(format!("sandbox state directories left: {left:?}"));
+        }
+        let root = self.state_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mounts = mounts_under(&root);
+        if !mounts.is_empty() {
+            problems.push(format!("mounts left under {}: {mounts:#?}", root.display()));
+            for m in mounts.iter().rev() {
+                if let Some(mp) = m.split(' ').nth(4) {
+                    if let Ok(c) = std::ffi::CString::new(mp) {
+                        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+                        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                    }
+                }
+            }
+        }
+        let shims = shim_processes(&self.state_dir);
+        if !shims.is_empty() {
+            problems.push(format!("sandbox supervisors still running: pids {shims:?}"));
+            for pid in shims {
+                // SAFETY: kill takes plain integers; these are supervisors of this test's own daemon.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                wait_pid_exit(pid);
+            }
+        }
+        for (mp, dir) in self.cgroup_parents() {
+            if !dir.exists() {
+                continue;
+            }
+            let subs: Vec<PathBuf> = fs::read_dir(&dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !subs.is_empty() {
+                problems.push(format!(
+                    "cgroups left in {}: {subs:?}",
+                    mp.display()
+                ));
+                for s in &subs {
+                    remove_cgroup_tree(s);
+                }
+            }
+            if let Err(e) = fs::remove_dir(&dir) {
+                problems.push(format!("removing the test cgroup parent {}: {e}", dir.display()));
+            }
+        }
+        problems
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let problems = self.cleanup();
+        let log = self.log_text();
+        if std::thread::panicking() {
+            eprintln!("---- sandboxd log ----\n{log}");
+            for p in &problems {
+                eprintln!("leak check: {p}");
+            }
+            // Keep the state for inspection only if asked to.
+            if std::env::var_os("SANDBOXD_TEST_KEEP").is_some() {
+                if let Some(d) = self.dir.take() {
+                    eprintln!("keeping {}", d.keep().display());
+                }
+            }
+            return;
+        }
+        if !problems.is_empty() {
+            eprintln!("---- sandboxd log ----\n{log}");
+            panic!("the test leaked:\n- {}", problems.join("\n- "));
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------ helpers
+
+/// A create request for busybox with `command` (None: idle).
+pub fn busybox(command: Option<&[&str]>) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        image: BUSYBOX.to_owned(),
+        command: command.map(|c| c.iter().map(|s| (*s).to_owned()).collect()),
+        ..CreateSandboxRequest::default()
+    }
+}
+
+/// Creates a sandbox, panicking on error.
+pub fn create(c: &BlockingClient, req: &CreateSandboxRequest) -> SandboxInfo {
+    c.create(req)
+        .unwrap_or_else(|e| panic!("creating {req:?}: {e}"))
+}
+
+/// Creates an idle busybox sandbox named `name`.
+pub fn create_idle(c: &BlockingClient, name: &str) -> SandboxInfo {
+    let mut req = busybox(None);
+    req.name = Some(name.to_owned());
+    let info = create(c, &req);
+    assert_eq!(info.status, SandboxStatus::Running);
+    info
+}
+
+/// Waits (no timeout) until the sandbox is in a terminal state.
+pub fn wait_exited(c: &BlockingClient, id: &str) -> SandboxInfo {
+    c.wait(
+        id,
+        WaitRequest {
+            condition: WaitCondition::Exited,
+            timeout_seconds: None,
+        },
+    )
+    .unwrap_or_else(|e| panic!("waiting for {id}: {e}"))
+}
+
+/// An exec request running `argv`.
+pub fn exec_req(argv: &[&str]) -> ExecRequest {
+    ExecRequest {
+        command: argv.iter().map(|s| (*s).to_owned()).collect(),
+        ..ExecRequest::default()
+    }
+}
+
+/// Runs `argv` in the sandbox; panics on an API error.
+pub fn exec(c: &BlockingClient, id: &str, argv: &[&str]) -> ExecResult {
+    c.exec(id, &exec_req(argv))
+        .unwrap_or_else(|e| panic!("exec {argv:?} in {id}: {e}"))
+}
+
+/// Runs `sh -c script` in the sandbox and asserts exit 0; returns stdout.
+pub fn sh(c: &BlockingClient, id: &str, script: &str) -> String {
+    let r = exec(c, id, &["sh", "-c", script]);
+    assert_eq!(
+        r.exit_code, 0,
+        "`{script}` exited {}: stdout {:?} stderr {:?}",
+        r.exit_code, r.stdout, r.stderr
+    );
+    r.stdout
+}
+
+/// Asserts that `r` failed with `code` and HTTP `status`; returns the error.
+#[track_caller]
+pub fn expect_api_error<T: std::fmt::Debug>(
+    r: Result<T, ClientError>,
+    code: ErrorCode,
+    status: u16,
+) -> sandbox_proto::ApiError {
+    match r {
+        Ok(v) => panic!("expected {code} ({status}), got success: {v:?}"),
+        Err(e) => {
+            assert_eq!(e.api_code(), Some(code), "unexpected error: {e:?}");
+            assert_eq!(e.http_status(), Some(status), "unexpected status: {e:?}");
+            e.api_error().cloned().expect("api error")
+        }
+    }
+}
+
+/// Parses JSON, panicking with the text on failure.
+pub fn json(text: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(text)
+        .unwrap_or_else(|e| panic!("invalid JSON ({e}): {}", String::from_utf8_lossy(text)))
+}

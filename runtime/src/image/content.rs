@@ -30,7 +30,9 @@ pub(crate) fn is_lower_hex(s: &str) -> bool {
 pub(crate) fn require_digest<'a>(digest: &'a str, what: &str) -> Result<&'a str, ImageError> {
     digest_hex(digest).ok_or_else(|| ImageError::Invalid {
         what: what.to_owned(),
-        reason: format!("unsupported or malformed digest {digest:?} (only sha256:<64 hex> is accepted)"),
+        reason: format!(
+            "unsupported or malformed digest {digest:?} (only sha256:<64 hex> is accepted)"
+        ),
     })
 }
 
@@ -69,7 +71,10 @@ impl<R: Read> HashingReader<R> {
     /// Reads the rest of the stream (so the digest covers all of it) and returns `(digest, size)`.
     pub(crate) fn finish(mut self) -> io::Result<(String, u64)> {
         io::copy(&mut self, &mut io::sink())?;
-        Ok((format!("{SHA256}{}", hex::encode(self.hasher.finalize())), self.count))
+        Ok((
+            format!("{SHA256}{}", hex::encode(self.hasher.finalize())),
+            self.count,
+        ))
     }
 }
 
@@ -91,8 +96,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Im
 /// fsyncs a directory so that renames into it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     let f = File::open(dir).map_err(io_err(format!("open {}", dir.display())))?;
-    nix::unistd::fsync(f.as_fd())
-        .map_err(|e| io_err(format!("fsync {}", dir.display()))(e.into()))
+    nix::unistd::fsync(f.as_fd()).map_err(|e| io_err(format!("fsync {}", dir.display()))(e.into()))
 }
 
 /// Removes a file when dropped unless disarmed.
@@ -152,7 +156,8 @@ impl Blobs {
         digest_hex(digest).map(|h| self.path_hex(h))
     }
 
-    fn existing(&self, expect: &Expect<'_>) -> Result<Option<Ingested>, ImageError> {
+    /// The blob `expect` names, if the store already has it (then it is not read again).
+    pub(crate) fn existing(&self, expect: &Expect<'_>) -> Result<Option<Ingested>, ImageError> {
         let Some(digest) = expect.digest else {
             return Ok(None);
         };
@@ -191,7 +196,11 @@ impl Blobs {
 
     /// Streams `reader` into an ingest file, verifies it, fsyncs it and renames it into place.
     /// A blob already present with the expected digest is not read at all.
-    pub(crate) fn ingest<R: Read>(&self, reader: R, expect: Expect<'_>) -> Result<Ingested, ImageError> {
+    pub(crate) fn ingest<R: Read>(
+        &self,
+        reader: R,
+        expect: Expect<'_>,
+    ) -> Result<Ingested, ImageError> {
         if let Some(found) = self.existing(&expect)? {
             return Ok(found);
         }
@@ -221,7 +230,12 @@ impl Blobs {
 
     /// Verifies an already-written file we own (a file extracted from an import tarball) and moves it into the
     /// store instead of copying it. `file` is that file, open for reading; `path` its name.
-    pub(crate) fn adopt(&self, file: File, path: &Path, expect: Expect<'_>) -> Result<Ingested, ImageError> {
+    pub(crate) fn adopt(
+        &self,
+        file: File,
+        path: &Path,
+        expect: Expect<'_>,
+    ) -> Result<Ingested, ImageError> {
         if let Some(found) = self.existing(&expect)? {
             return Ok(found);
         }
@@ -261,7 +275,11 @@ pub(crate) fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Vec<u8
     read_all_bounded(f, limit, what)
 }
 
-pub(crate) fn read_all_bounded<R: Read>(r: R, limit: u64, what: &str) -> Result<Vec<u8>, ImageError> {
+pub(crate) fn read_all_bounded<R: Read>(
+    r: R,
+    limit: u64,
+    what: &str,
+) -> Result<Vec<u8>, ImageError> {
     let mut buf = Vec::new();
     r.take(limit.saturating_add(1))
         .read_to_end(&mut buf)
@@ -276,13 +294,20 @@ pub(crate) fn read_all_bounded<R: Read>(r: R, limit: u64, what: &str) -> Result<
 }
 
 /// `io::copy` with a larger buffer (layers are big).
-pub(crate) fn copy_big<R: Read + ?Sized, W: Write + ?Sized>(r: &mut R, w: &mut W) -> io::Result<u64> {
+pub(crate) fn copy_big<R: Read + ?Sized, W: Write + ?Sized>(
+    r: &mut R,
+    w: &mut W,
+) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 * 1024];
     copy_with(r, w, &mut buf)
 }
 
 /// `io::copy` through a caller-provided buffer.
-pub(crate) fn copy_with<R: Read + ?Sized, W: Write + ?Sized>(r: &mut R, w: &mut W, buf: &mut [u8]) -> io::Result<u64> {
+pub(crate) fn copy_with<R: Read + ?Sized, W: Write + ?Sized>(
+    r: &mut R,
+    w: &mut W,
+    buf: &mut [u8],
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         let n = match r.read(buf) {

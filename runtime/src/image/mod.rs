@@ -30,7 +30,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use content::{digest_hex, io_err, is_lower_hex, read_bounded, require_digest, sync_dir, unique_name, Blobs};
+use content::{
+    digest_hex, io_err, is_lower_hex, read_bounded, require_digest, sync_dir, unique_name, Blobs,
+};
 use source::{host_arch, ImportPlan, PlannedLayer, Source, Tracker, JSON_LIMIT};
 use unpack::{unpack_layer, Compression};
 
@@ -359,7 +361,11 @@ impl ImageStore {
     }
 
     /// Removes the given blobs and layers unless an image record still uses them.
-    fn collect<'a>(&self, blobs: impl IntoIterator<Item = &'a String>, layers: impl IntoIterator<Item = &'a String>) {
+    fn collect<'a>(
+        &self,
+        blobs: impl IntoIterator<Item = &'a String>,
+        layers: impl IntoIterator<Item = &'a String>,
+    ) {
         let live = match self.live() {
             Ok(l) if l.complete => l,
             Ok(_) => {
@@ -422,7 +428,10 @@ impl ImageStore {
             tracing::warn!("some image record is unreadable; not collecting blobs or layers");
             return Ok(());
         }
-        for (dir, set) in [(self.blobs.dir().to_owned(), &live.blobs), (self.layers_dir(), &live.layers)] {
+        for (dir, set) in [
+            (self.blobs.dir().to_owned(), &live.blobs),
+            (self.layers_dir(), &live.layers),
+        ] {
             for entry in fs::read_dir(&dir).map_err(io_err(format!("read {}", dir.display())))? {
                 let entry = entry.map_err(io_err(format!("read {}", dir.display())))?;
                 let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
@@ -453,7 +462,9 @@ impl ImageStore {
         let mut tracker = Tracker::default();
         let result = self.import_inner(path, reference, normalise, &mut tracker);
         match &result {
-            Ok(image) => tracing::info!(digest = %image.digest, references = ?image.references, "imported image"),
+            Ok(image) => {
+                tracing::info!(digest = %image.digest, references = ?image.references, "imported image")
+            }
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "image import failed");
                 self.collect(tracker.blobs.iter(), tracker.layers.iter());
@@ -495,12 +506,14 @@ impl ImageStore {
         } else {
             return Err(ImageError::Invalid {
                 what: label,
-                reason: "not an OCI image layout or docker archive (no index.json or manifest.json)".into(),
+                reason:
+                    "not an OCI image layout or docker archive (no index.json or manifest.json)"
+                        .into(),
             });
         };
 
         let references = match reference {
-            Some(r) if r.is_empty() => {
+            Some("") => {
                 return Err(ImageError::Invalid {
                     what: label,
                     reason: "empty reference".into(),
@@ -614,10 +627,13 @@ impl ImageStore {
             tracing::debug!(%diff_id, "layer already unpacked");
             return Ok(());
         }
-        let blob = self.blobs.path(&layer.digest).ok_or_else(|| ImageError::Invalid {
-            what: what.to_owned(),
-            reason: "malformed layer digest".into(),
-        })?;
+        let blob = self
+            .blobs
+            .path(&layer.digest)
+            .ok_or_else(|| ImageError::Invalid {
+                what: what.to_owned(),
+                reason: "malformed layer digest".into(),
+            })?;
         let tmp = layers.join(unique_name(&format!(".tmp-{hex}-")));
         DirBuilder::new()
             .mode(0o755)
@@ -641,7 +657,11 @@ impl ImageStore {
 
     /// Writes the record, then points the references at it (one atomic index write). Images that lose their last
     /// reference are removed.
-    fn commit(&self, mut record: ImageRecord, references: &[String]) -> Result<StoredImage, ImageError> {
+    fn commit(
+        &self,
+        mut record: ImageRecord,
+        references: &[String],
+    ) -> Result<StoredImage, ImageError> {
         let digest = record.image.digest.clone();
         let mut index = self.load_refs()?;
         let mut displaced = BTreeSet::new();
@@ -703,7 +723,9 @@ impl ImageStore {
                     r.image.references = refs_of(&index, d);
                     out.push(r.image);
                 }
-                Err(e) => tracing::warn!(digest = %d, error = %e, "reference to an unreadable image record"),
+                Err(e) => {
+                    tracing::warn!(digest = %d, error = %e, "reference to an unreadable image record")
+                }
             }
         }
         out.sort_by(|a, b| a.references.cmp(&b.references));
@@ -725,7 +747,10 @@ impl ImageStore {
         }
         let matches: BTreeSet<&String> = index
             .values()
-            .filter(|d| d.strip_prefix("sha256:").is_some_and(|h| h.starts_with(&prefix)))
+            .filter(|d| {
+                d.strip_prefix("sha256:")
+                    .is_some_and(|h| h.starts_with(&prefix))
+            })
             .collect();
         let mut it = matches.into_iter();
         match (it.next(), it.next()) {

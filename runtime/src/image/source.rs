@@ -145,9 +145,21 @@ impl Source {
     }
 
     /// Feeds file `rel` into the store, verifying it against `expect`.
-    fn ingest(&self, blobs: &Blobs, rel: &str, expect: Expect<'_>, tracker: &mut Tracker) -> Result<Ingested, ImageError> {
+    fn ingest(
+        &self,
+        blobs: &Blobs,
+        rel: &str,
+        expect: Expect<'_>,
+        tracker: &mut Tracker,
+    ) -> Result<Ingested, ImageError> {
+        if let Some(found) = blobs.existing(&expect)? {
+            return Ok(found);
+        }
         let (file, plain) = self.open_file(rel)?;
-        let ingested = if self.owned && plain {
+        // Files extracted from a tarball are moved into the store rather than copied, when their digest is known
+        // in advance (then a second reference to the same path finds the blob in the store) and the path is not a
+        // symlink (moving would take the link, not the content).
+        let ingested = if self.owned && plain && expect.digest.is_some() {
             blobs.adopt(file, &self.path.join(rel), expect)?
         } else {
             blobs.ingest(file, expect)?
@@ -169,7 +181,10 @@ impl Source {
         if desc.size() > JSON_LIMIT {
             return Err(ImageError::Invalid {
                 what: what.to_owned(),
-                reason: format!("{} bytes is larger than the {JSON_LIMIT} byte limit", desc.size()),
+                reason: format!(
+                    "{} bytes is larger than the {JSON_LIMIT} byte limit",
+                    desc.size()
+                ),
             });
         }
         let rel = format!("blobs/sha256/{hex}");
@@ -226,12 +241,24 @@ fn choose<'a>(manifests: &'a [Descriptor], what: &str) -> Result<&'a Descriptor,
             reason: "lists no image manifest".into(),
         });
     }
-    let exact: Vec<&Descriptor> = usable.iter().copied().filter(|d| matches_host(d) == Some(true)).collect();
-    let unknown: Vec<&Descriptor> = usable.iter().copied().filter(|d| matches_host(d).is_none()).collect();
-    let pick = exact.first().or(unknown.first()).copied().ok_or_else(|| ImageError::Invalid {
-        what: what.to_owned(),
-        reason: format!("has no manifest for platform linux/{}", host_arch()),
-    })?;
+    let exact: Vec<&Descriptor> = usable
+        .iter()
+        .copied()
+        .filter(|d| matches_host(d) == Some(true))
+        .collect();
+    let unknown: Vec<&Descriptor> = usable
+        .iter()
+        .copied()
+        .filter(|d| matches_host(d).is_none())
+        .collect();
+    let pick = exact
+        .first()
+        .or(unknown.first())
+        .copied()
+        .ok_or_else(|| ImageError::Invalid {
+            what: what.to_owned(),
+            reason: format!("has no manifest for platform linux/{}", host_arch()),
+        })?;
     let others = exact.len() + unknown.len();
     if others > 1 {
         let distinct = exact
@@ -253,7 +280,12 @@ fn parse_json<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<
     })
 }
 
-fn layer_compression(blobs: &Blobs, media_type: &str, digest: &str, what: &str) -> Result<Compression, ImageError> {
+fn layer_compression(
+    blobs: &Blobs,
+    media_type: &str,
+    digest: &str,
+    what: &str,
+) -> Result<Compression, ImageError> {
     if let Some(c) = Compression::from_media_type(media_type) {
         return Ok(c);
     }
@@ -263,19 +295,26 @@ fn layer_compression(blobs: &Blobs, media_type: &str, digest: &str, what: &str) 
     })?;
     Compression::sniff_file(&path)?.ok_or_else(|| ImageError::Invalid {
         what: what.to_owned(),
-        reason: format!("unsupported layer media type {media_type:?} (content is not tar, gzip or zstd)"),
+        reason: format!(
+            "unsupported layer media type {media_type:?} (content is not tar, gzip or zstd)"
+        ),
     })
 }
 
 /// Imports from an OCI image layout (`oci-layout`, `index.json`, `blobs/`).
-pub(crate) fn plan_oci(src: &Source, blobs: &Blobs, tracker: &mut Tracker) -> Result<ImportPlan, ImageError> {
+pub(crate) fn plan_oci(
+    src: &Source,
+    blobs: &Blobs,
+    tracker: &mut Tracker,
+) -> Result<ImportPlan, ImageError> {
     #[derive(Deserialize)]
     struct Layout {
         #[serde(rename = "imageLayoutVersion")]
         version: String,
     }
     if src.exists("oci-layout") {
-        let layout: Layout = parse_json(&src.read_json_file("oci-layout")?, &src.what("oci-layout"))?;
+        let layout: Layout =
+            parse_json(&src.read_json_file("oci-layout")?, &src.what("oci-layout"))?;
         if !layout.version.starts_with("1.") {
             return Err(ImageError::Invalid {
                 what: src.what("oci-layout"),
@@ -291,9 +330,16 @@ pub(crate) fn plan_oci(src: &Source, blobs: &Blobs, tracker: &mut Tracker) -> Re
 
     // Names: every top-level descriptor pointing at the chosen content contributes its annotations.
     let mut names = Vec::new();
-    for d in index.manifests().iter().filter(|d| d.digest() == top.digest()) {
+    for d in index
+        .manifests()
+        .iter()
+        .filter(|d| d.digest() == top.digest())
+    {
         if let Some(a) = d.annotations() {
-            if let Some(n) = a.get(ANNOTATION_CONTAINERD_NAME).or_else(|| a.get(ANNOTATION_REF_NAME)) {
+            if let Some(n) = a
+                .get(ANNOTATION_CONTAINERD_NAME)
+                .or_else(|| a.get(ANNOTATION_REF_NAME))
+            {
                 if !names.contains(n) {
                     names.push(n.clone());
                 }
@@ -356,7 +402,7 @@ pub(crate) fn plan_oci(src: &Source, blobs: &Blobs, tracker: &mut Tracker) -> Re
             },
             tracker,
         )?;
-        let compression = layer_compression(blobs, &l.media_type().to_string(), &digest, &what)?;
+        let compression = layer_compression(blobs, l.media_type().as_ref(), &digest, &what)?;
         layers.push(PlannedLayer {
             digest,
             size: ingested.size,
@@ -393,9 +439,14 @@ fn digest_from_path(rel: &str) -> Option<String> {
 
 /// Imports from a `docker save` archive (`manifest.json` with Config, RepoTags, Layers), synthesising an OCI
 /// manifest for the stored record.
-pub(crate) fn plan_docker(src: &Source, blobs: &Blobs, tracker: &mut Tracker) -> Result<ImportPlan, ImageError> {
+pub(crate) fn plan_docker(
+    src: &Source,
+    blobs: &Blobs,
+    tracker: &mut Tracker,
+) -> Result<ImportPlan, ImageError> {
     let what = src.what("manifest.json");
-    let entries: Vec<DockerManifestEntry> = parse_json(&src.read_json_file("manifest.json")?, &what)?;
+    let entries: Vec<DockerManifestEntry> =
+        parse_json(&src.read_json_file("manifest.json")?, &what)?;
     let Some(entry) = entries.first() else {
         return Err(ImageError::Invalid {
             what,

@@ -188,7 +188,9 @@ impl Tree {
                 Err(Errno::ENOENT) => return Err(WalkError::Missing(prefix())),
                 Err(Errno::ELOOP | Errno::ENOTDIR) => {
                     let is_link = fstatat(base, c.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                        .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK);
+                        .is_ok_and(|st| {
+                            SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFLNK
+                        });
                     return Err(if is_link {
                         WalkError::Symlink(prefix())
                     } else {
@@ -201,10 +203,12 @@ impl Tree {
         }
         match cur {
             Some(fd) => Ok(fd),
-            None => self
-                .root
-                .try_clone()
-                .map_err(|e| WalkError::Io(Errno::from_raw(e.raw_os_error().unwrap_or(0)), String::new())),
+            None => self.root.try_clone().map_err(|e| {
+                WalkError::Io(
+                    Errno::from_raw(e.raw_os_error().unwrap_or(0)),
+                    String::new(),
+                )
+            }),
         }
     }
 
@@ -220,17 +224,25 @@ impl Tree {
 
     /// Makes room for a new entry `name` in `dir`: a later tar entry overrides an earlier one. An existing directory
     /// is kept when `want_dir` (returns true), otherwise removed with its contents; anything else is unlinked.
-    fn clear(&self, dir: BorrowedFd<'_>, name: &[u8], want_dir: bool, entry: &str) -> Result<bool, ImageError> {
+    fn clear(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &[u8],
+        want_dir: bool,
+        entry: &str,
+    ) -> Result<bool, ImageError> {
         match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
             Err(Errno::ENOENT) => Ok(false),
             Err(e) => Err(errno_io(format!("stat {entry}"))(e)),
             Ok(st) => {
-                let is_dir = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
+                let is_dir =
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR;
                 if is_dir && want_dir {
                     return Ok(true);
                 }
                 if is_dir {
-                    remove_tree_at(dir, name).map_err(errno_io(format!("remove existing directory {entry}")))?;
+                    remove_tree_at(dir, name)
+                        .map_err(errno_io(format!("remove existing directory {entry}")))?;
                 } else {
                     unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)
                         .map_err(errno_io(format!("remove existing {entry}")))?;
@@ -348,9 +360,13 @@ impl Unpacker {
         let mut uid = i64::try_from(header.uid().map_err(|e| bad("uid", e))?).unwrap_or(-1);
         let mut gid = i64::try_from(header.gid().map_err(|e| bad("gid", e))?).unwrap_or(-1);
         let mode = header.mode().map_err(|e| bad("mode", e))? & 0o7777;
-        let mut mtime = i64::try_from(header.mtime().map_err(|e| bad("mtime", e))?).unwrap_or(i64::MAX);
+        let mut mtime =
+            i64::try_from(header.mtime().map_err(|e| bad("mtime", e))?).unwrap_or(i64::MAX);
         let mut xattrs = Vec::new();
-        if let Some(exts) = entry.pax_extensions().map_err(|e| bad("pax extensions", e))? {
+        if let Some(exts) = entry
+            .pax_extensions()
+            .map_err(|e| bad("pax extensions", e))?
+        {
             for ext in exts {
                 let ext = ext.map_err(|e| bad("pax extension", e))?;
                 let key = ext.key_bytes();
@@ -391,7 +407,10 @@ impl Unpacker {
         let kind = entry.header().entry_type();
         if matches!(
             kind,
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
         ) {
             return Ok(());
         }
@@ -402,12 +421,18 @@ impl Unpacker {
                 let meta = self.meta(entry, &name)?;
                 return self.root_dir(meta, &name);
             }
-            return Err(hostile(&name, "entry names the layer root but is not a directory"));
+            return Err(hostile(
+                &name,
+                "entry names the layer root but is not a directory",
+            ));
         };
         if let Some(p) = parents.iter().find(|c| c.starts_with(WHITEOUT_PREFIX)) {
             return Err(hostile(
                 &name,
-                format!("whiteout name {:?} used as a directory", String::from_utf8_lossy(p)),
+                format!(
+                    "whiteout name {:?} used as a directory",
+                    String::from_utf8_lossy(p)
+                ),
             ));
         }
         if last.starts_with(WHITEOUT_PREFIX) {
@@ -457,7 +482,8 @@ impl Unpacker {
     fn whiteout(&mut self, parents: &[Comp], last: &[u8], name: &str) -> Result<(), ImageError> {
         if last == WHITEOUT_OPAQUE {
             let dir = self.tree.open_parent(parents, name)?;
-            let xname = CString::new(OVERLAY_OPAQUE_XATTR).map_err(|_| hostile(name, "xattr name"))?;
+            let xname =
+                CString::new(OVERLAY_OPAQUE_XATTR).map_err(|_| hostile(name, "xattr name"))?;
             return fsetxattr(dir.as_fd(), &xname, b"y")
                 .map_err(io_err(format!("set {OVERLAY_OPAQUE_XATTR} for {name}")));
         }
@@ -478,8 +504,12 @@ impl Unpacker {
     }
 
     fn root_dir(&mut self, meta: Meta, name: &str) -> Result<(), ImageError> {
-        fchown(&self.tree.root, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))
-            .map_err(errno_io(format!("chown {name}")))?;
+        fchown(
+            &self.tree.root,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(errno_io(format!("chown {name}")))?;
         set_xattrs_fd(self.tree.root.as_fd(), &meta.xattrs, name);
         self.dirs.push(DirMeta {
             comps: Vec::new(),
@@ -489,10 +519,18 @@ impl Unpacker {
         Ok(())
     }
 
-    fn dir(&mut self, comps: &[Comp], parents: &[Comp], last: &[u8], meta: Meta, name: &str) -> Result<(), ImageError> {
+    fn dir(
+        &mut self,
+        comps: &[Comp],
+        parents: &[Comp],
+        last: &[u8],
+        meta: Meta,
+        name: &str,
+    ) -> Result<(), ImageError> {
         let dir = self.tree.open_parent(parents, name)?;
         if !self.tree.clear(dir.as_fd(), last, true, name)? {
-            mkdirat(&dir, last, Mode::from_bits_truncate(0o755)).map_err(errno_io(format!("mkdir {name}")))?;
+            mkdirat(&dir, last, Mode::from_bits_truncate(0o755))
+                .map_err(errno_io(format!("mkdir {name}")))?;
         }
         fchownat(
             &dir,
@@ -503,7 +541,8 @@ impl Unpacker {
         )
         .map_err(errno_io(format!("chown {name}")))?;
         if !meta.xattrs.is_empty() {
-            let fd = openat(&dir, last, DIR_FLAGS, Mode::empty()).map_err(errno_io(format!("open {name}")))?;
+            let fd = openat(&dir, last, DIR_FLAGS, Mode::empty())
+                .map_err(errno_io(format!("open {name}")))?;
             set_xattrs_fd(fd.as_fd(), &meta.xattrs, name);
         }
         self.dirs.push(DirMeta {
@@ -534,9 +573,14 @@ impl Unpacker {
         let mut file = File::from(fd);
         copy_with(data, &mut file, &mut self.buf).map_err(io_err(format!("write {name}")))?;
         // chown before chmod: chown clears setuid/setgid bits and file capabilities.
-        fchown(&file, Some(Uid::from_raw(meta.uid)), Some(Gid::from_raw(meta.gid)))
-            .map_err(errno_io(format!("chown {name}")))?;
-        fchmod(&file, Mode::from_bits_truncate(meta.mode)).map_err(errno_io(format!("chmod {name}")))?;
+        fchown(
+            &file,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(errno_io(format!("chown {name}")))?;
+        fchmod(&file, Mode::from_bits_truncate(meta.mode))
+            .map_err(errno_io(format!("chmod {name}")))?;
         set_xattrs_fd(file.as_fd(), &meta.xattrs, name);
         futimens(&file, &meta.mtime, &meta.mtime).map_err(errno_io(format!("set times of {name}")))
     }
@@ -559,10 +603,17 @@ impl Unpacker {
         self.finish_special(dir.as_fd(), last, &meta, name)
     }
 
-    fn fifo(&mut self, parents: &[Comp], last: &[u8], meta: Meta, name: &str) -> Result<(), ImageError> {
+    fn fifo(
+        &mut self,
+        parents: &[Comp],
+        last: &[u8],
+        meta: Meta,
+        name: &str,
+    ) -> Result<(), ImageError> {
         let dir = self.tree.open_parent(parents, name)?;
         self.tree.clear(dir.as_fd(), last, false, name)?;
-        mkfifoat(&dir, last, Mode::from_bits_truncate(0o600)).map_err(errno_io(format!("mkfifo {name}")))?;
+        mkfifoat(&dir, last, Mode::from_bits_truncate(0o600))
+            .map_err(errno_io(format!("mkfifo {name}")))?;
         fchownat(
             &dir,
             last,
@@ -572,15 +623,32 @@ impl Unpacker {
         )
         .map_err(errno_io(format!("chown {name}")))?;
         // The name is the FIFO just created in a tree only this unpacker writes to, so following is moot.
-        fchmodat(&dir, last, Mode::from_bits_truncate(meta.mode), FchmodatFlags::FollowSymlink)
-            .map_err(errno_io(format!("chmod {name}")))?;
+        fchmodat(
+            &dir,
+            last,
+            Mode::from_bits_truncate(meta.mode),
+            FchmodatFlags::FollowSymlink,
+        )
+        .map_err(errno_io(format!("chmod {name}")))?;
         set_xattrs_at(dir.as_fd(), last, &meta.xattrs, name);
-        utimensat(&dir, last, &meta.mtime, &meta.mtime, UtimensatFlags::NoFollowSymlink)
-            .map_err(errno_io(format!("set times of {name}")))
+        utimensat(
+            &dir,
+            last,
+            &meta.mtime,
+            &meta.mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(errno_io(format!("set times of {name}")))
     }
 
     /// Ownership, xattrs and times of a symlink (its mode is meaningless on Linux).
-    fn finish_special(&self, dir: BorrowedFd<'_>, last: &[u8], meta: &Meta, name: &str) -> Result<(), ImageError> {
+    fn finish_special(
+        &self,
+        dir: BorrowedFd<'_>,
+        last: &[u8],
+        meta: &Meta,
+        name: &str,
+    ) -> Result<(), ImageError> {
         fchownat(
             dir,
             last,
@@ -590,8 +658,14 @@ impl Unpacker {
         )
         .map_err(errno_io(format!("chown {name}")))?;
         set_xattrs_at(dir, last, &meta.xattrs, name);
-        utimensat(dir, last, &meta.mtime, &meta.mtime, UtimensatFlags::NoFollowSymlink)
-            .map_err(errno_io(format!("set times of {name}")))
+        utimensat(
+            dir,
+            last,
+            &meta.mtime,
+            &meta.mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(errno_io(format!("set times of {name}")))
     }
 
     fn hardlink(
@@ -602,17 +676,29 @@ impl Unpacker {
         target: &[u8],
         name: &str,
     ) -> Result<(), ImageError> {
-        let tcomps = normalise(target).map_err(|_| hostile(name, "hardlink target escapes the layer root"))?;
+        let tcomps = normalise(target)
+            .map_err(|_| hostile(name, "hardlink target escapes the layer root"))?;
         let Some((tlast, tparents)) = tcomps.split_last() else {
             return Err(hostile(name, "hardlink to the layer root"));
         };
         if tcomps.as_slice() == comps {
             return Ok(());
         }
-        let missing = || hostile(name, format!("hardlink target {:?} is not in this layer", display(&tcomps)));
+        let missing = || {
+            hostile(
+                name,
+                format!(
+                    "hardlink target {:?} is not in this layer",
+                    display(&tcomps)
+                ),
+            )
+        };
         let tdir = self.tree.walk(tparents, false).map_err(|e| match e {
             WalkError::Missing(_) | WalkError::NotDir(_) => missing(),
-            WalkError::Symlink(p) => hostile(name, format!("hardlink target resolves through symlink {p:?}")),
+            WalkError::Symlink(p) => hostile(
+                name,
+                format!("hardlink target resolves through symlink {p:?}"),
+            ),
             WalkError::Io(e, p) => errno_io(format!("open {p:?} for hardlink {name}"))(e),
         })?;
         match fstatat(&tdir, tlast.as_slice(), AtFlags::AT_SYMLINK_NOFOLLOW) {
@@ -635,7 +721,8 @@ impl Unpacker {
                 continue;
             };
             let name = display(&d.comps);
-            fchmod(&fd, Mode::from_bits_truncate(d.mode)).map_err(errno_io(format!("chmod {name}/")))?;
+            fchmod(&fd, Mode::from_bits_truncate(d.mode))
+                .map_err(errno_io(format!("chmod {name}/")))?;
             futimens(&fd, &d.mtime, &d.mtime).map_err(errno_io(format!("set times of {name}/")))?;
         }
         Ok(())
@@ -706,14 +793,19 @@ pub(crate) fn unpack_layer(
             actual,
         });
     }
-    nix::unistd::syncfs(&unpacker.tree.root).map_err(errno_io(format!("syncfs {}", dest.display())))?;
+    nix::unistd::syncfs(&unpacker.tree.root)
+        .map_err(errno_io(format!("syncfs {}", dest.display())))?;
     Ok(unpacker.stats)
 }
 
 /// Whether a path in an image archive (OCI layout or `docker save` tarball) is one the importer may need.
 fn wanted_archive_path(comps: &[Comp]) -> bool {
     match comps {
-        [f] => f.ends_with(b".json") || f.as_slice() == b"oci-layout" || f.as_slice() == b"repositories",
+        [f] => {
+            f.ends_with(b".json")
+                || f.as_slice() == b"oci-layout"
+                || f.as_slice() == b"repositories"
+        }
         [_, f] => matches!(f.as_slice(), b"layer.tar" | b"json" | b"VERSION"),
         [b, _, _] => b.as_slice() == b"blobs",
         _ => false,
@@ -722,7 +814,11 @@ fn wanted_archive_path(comps: &[Comp]) -> bool {
 
 /// Extracts the regular files (and symlinks, as inert data) an image importer needs from an image tarball into
 /// `dest`, with the same in-root rules as layer unpacking. Nothing else (devices, ownership, modes) is kept.
-pub(crate) fn extract_image_archive<R: Read>(reader: R, dest: &Path, what: &str) -> Result<(), ImageError> {
+pub(crate) fn extract_image_archive<R: Read>(
+    reader: R,
+    dest: &Path,
+    what: &str,
+) -> Result<(), ImageError> {
     let tree = Tree::open(dest)?;
     let mut archive = tar::Archive::new(reader);
     let malformed = |e: io::Error| ImageError::Invalid {
