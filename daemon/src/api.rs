@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use sandbox_proto::{
-    ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ImageList, ImportImageRequest, SandboxList, SandboxStatus,
-    StopRequest, VersionInfo, WaitRequest,
+    ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ImageList, ImportImageRequest,
+    SandboxList, SandboxStatus, StopRequest, VersionInfo, WaitRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -62,19 +62,37 @@ fn body<T: DeserializeOwned + Default>(b: &Bytes, allow_empty: bool) -> Result<T
         if allow_empty {
             return Ok(T::default());
         }
-        return Err(ApiError::new(ErrorCode::InvalidRequest, "the request needs a JSON body").into());
+        return Err(
+            ApiError::new(ErrorCode::InvalidRequest, "the request needs a JSON body").into(),
+        );
     }
-    serde_json::from_slice(b)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("malformed JSON body: {e}")).into())
+    serde_json::from_slice(b).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("malformed JSON body: {e}"),
+        )
+        .into()
+    })
 }
 
 async fn fallback(method: Method, uri: Uri) -> HttpError {
-    ApiError::new(ErrorCode::NotFound, format!("no route {method} {}", uri.path())).into()
+    ApiError::new(
+        ErrorCode::NotFound,
+        format!("no route {method} {}", uri.path()),
+    )
+    .into()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let e = ApiError::new(ErrorCode::InvalidRequest, format!("method {method} is not allowed on {}", uri.path()));
-    (StatusCode::METHOD_NOT_ALLOWED, Json(sandbox_proto::ErrorBody { error: e })).into_response()
+    let e = ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("method {method} is not allowed on {}", uri.path()),
+    );
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(sandbox_proto::ErrorBody { error: e }),
+    )
+        .into_response()
 }
 
 async fn version(State(m): St) -> Json<VersionInfo> {
@@ -91,10 +109,18 @@ struct ListQuery {
     tag: Option<String>,
 }
 
-async fn list(State(m): St, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Res<Json<SandboxList>> {
+async fn list(
+    State(m): St,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Res<Json<SandboxList>> {
     let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
     let mut statuses = Vec::new();
-    for s in q.status.iter().flat_map(|s| s.split(',')).filter(|s| !s.is_empty()) {
+    for s in q
+        .status
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
         statuses.push(SandboxStatus::parse(s).ok_or_else(|| {
             ApiError::invalid_argument("status", format!("unknown status {s:?}"))
         })?);
@@ -150,7 +176,9 @@ async fn logs(State(m): St, Path(id): Path<String>) -> Res<impl IntoResponse> {
 }
 
 async fn images(State(m): St) -> Res<Json<ImageList>> {
-    Ok(Json(ImageList { images: m.images().await? }))
+    Ok(Json(ImageList {
+        images: m.images().await?,
+    }))
 }
 
 async fn import(State(m): St, b: Bytes) -> Res<impl IntoResponse> {
@@ -182,6 +210,9 @@ mod tests {
             .map(|(m, p)| ((*m).to_owned(), (*p).to_owned()))
             .collect();
         served.sort();
-        assert_eq!(served, documented, "server routes and proto/openapi.yaml disagree");
+        assert_eq!(
+            served, documented,
+            "server routes and proto/openapi.yaml disagree"
+        );
     }
 }

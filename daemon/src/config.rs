@@ -50,6 +50,9 @@ pub struct Config {
     pub stop_grace_seconds: f64,
     /// Default cap on each of stdout and stderr of a unary exec.
     pub exec_max_output_bytes: u64,
+    /// Supervisors kept ready (mount namespace, seccomp filter and init in fresh namespaces prepared),
+    /// so that creating a sandbox does not wait for a process to start; 0 disables the pool.
+    pub warm_pool: usize,
 }
 
 impl Default for Config {
@@ -63,6 +66,7 @@ impl Default for Config {
             max_sandboxes: 4096,
             stop_grace_seconds: 10.0,
             exec_max_output_bytes: 16 << 20,
+            warm_pool: 2,
         }
     }
 }
@@ -92,7 +96,8 @@ impl Config {
         if self.uid_base == 0 {
             return Err(ConfigError::Invalid("uid_base must not be 0 (root)".into()));
         }
-        let top = u64::from(self.uid_base) + u64::from(self.max_sandboxes) * u64::from(sandbox_runtime::spec::ID_RANGE);
+        let top = u64::from(self.uid_base)
+            + u64::from(self.max_sandboxes) * u64::from(sandbox_runtime::spec::ID_RANGE);
         if top > u64::from(u32::MAX) {
             return Err(ConfigError::Invalid(format!(
                 "uid_base {} + max_sandboxes {} x 65536 exceeds the 32-bit uid space",
@@ -100,10 +105,17 @@ impl Config {
             )));
         }
         if !self.state_dir.is_absolute() || !self.socket.is_absolute() {
-            return Err(ConfigError::Invalid("state_dir and socket must be absolute paths".into()));
+            return Err(ConfigError::Invalid(
+                "state_dir and socket must be absolute paths".into(),
+            ));
+        }
+        if self.warm_pool > 64 {
+            return Err(ConfigError::Invalid("warm_pool must be at most 64".into()));
         }
         if !(self.stop_grace_seconds.is_finite() && self.stop_grace_seconds >= 0.0) {
-            return Err(ConfigError::Invalid("stop_grace_seconds must be >= 0".into()));
+            return Err(ConfigError::Invalid(
+                "stop_grace_seconds must be >= 0".into(),
+            ));
         }
         Ok(())
     }
@@ -115,7 +127,11 @@ mod tests {
 
     #[test]
     fn parse_and_validate() {
-        let c = Config::parse("socket = \"/tmp/s.sock\"\nstate_dir = \"/tmp/st\"\ncgroup_parent = \"t\"\n", "x").unwrap();
+        let c = Config::parse(
+            "socket = \"/tmp/s.sock\"\nstate_dir = \"/tmp/st\"\ncgroup_parent = \"t\"\n",
+            "x",
+        )
+        .unwrap();
         assert_eq!(c.socket, PathBuf::from("/tmp/s.sock"));
         assert_eq!(c.uid_base, 0x4000_0000);
         assert!(Config::parse("bogus = 1", "x").is_err());

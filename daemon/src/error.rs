@@ -16,7 +16,8 @@ impl From<ApiError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::error!(code = %self.0.code, message = %self.0.message, "request failed");
         } else {
@@ -37,7 +38,9 @@ pub fn image_error(e: sandbox_runtime::image::ImageError) -> ApiError {
     let code = match &e {
         E::NotFound(_) => ErrorCode::ImageNotFound,
         E::DigestMismatch { .. } => ErrorCode::DigestMismatch,
-        E::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => ErrorCode::ResourceExhausted,
+        E::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            ErrorCode::ResourceExhausted
+        }
         E::Io { .. } => ErrorCode::Internal,
         _ => ErrorCode::InvalidImage,
     };

@@ -14,13 +14,15 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use sandbox_proto::{
-    quantity, ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ExecResult, ExitInfo, ImageInfo, ImageRef,
-    ImportImageRequest, LogsResult, ResourceLimits, SandboxInfo, SandboxStatus, WaitCondition,
+    quantity, ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ExecResult, ExitInfo,
+    ImageInfo, ImageRef, ImportImageRequest, LogsResult, ResourceLimits, SandboxInfo,
+    SandboxStatus, WaitCondition,
 };
 use sandbox_runtime::cgroups::{CgroupManager, Limits, SandboxCgroup};
 use sandbox_runtime::image::{ImageStore, StoredImage};
 use sandbox_runtime::spec::{
-    read_json, ExecEvent, ExecSpec, ExitRecord, ProcRecord, ProcessSpec, SandboxSpec, StartReport, ID_RANGE,
+    read_json, ExecEvent, ExecSpec, ExitRecord, ProcRecord, ProcessSpec, SandboxSpec, StartReport,
+    ID_RANGE,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -86,7 +88,9 @@ impl Record {
                 reason: e.reason.clone(),
             }),
             pid: match self.status {
-                SandboxStatus::Running | SandboxStatus::Terminating => self.init.map(|i| i.pid as u32),
+                SandboxStatus::Running | SandboxStatus::Terminating => {
+                    self.init.map(|i| i.pid as u32)
+                }
                 _ => None,
             },
             limits: self.limits.clone(),
@@ -150,22 +154,45 @@ pub struct Manager {
     cgroups: Arc<CgroupManager>,
     sandboxes: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
     counter: AtomicU64,
+    /// Deletions of removed sandboxes' directories still running.
+    background: Arc<StdMutex<Vec<std::thread::JoinHandle<()>>>>,
+    /// Pooled supervisors waiting for a sandbox (see `sandbox_runtime::shim::main`).
+    pool: StdMutex<Vec<PoolEntry>>,
+    /// A refill of the pool is under way.
+    refilling: std::sync::atomic::AtomicBool,
+    /// The daemon is shutting down: no more pooled supervisors.
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+/// A supervisor prepared ahead of time, with the id and cgroup its sandbox will have.
+struct PoolEntry {
+    id: String,
+    cgroup: SandboxCgroup,
+    child: tokio::process::Child,
 }
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Manager").field("root", &self.root).finish_non_exhaustive()
+        f.debug_struct("Manager")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
     }
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(ErrorCode::SandboxNotFound, format!("no sandbox with id or name {id:?}"))
+    ApiError::new(
+        ErrorCode::SandboxNotFound,
+        format!("no sandbox with id or name {id:?}"),
+    )
 }
 
 fn random_id() -> String {
     let mut b = [0u8; 8];
     use std::io::Read as _;
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
         let t = sandbox_runtime::spec::now_ms() ^ u64::from(std::process::id()) << 40;
         b = t.to_le_bytes();
     }
@@ -176,7 +203,8 @@ fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.as_bytes()[0].is_ascii_alphanumeric()
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 fn valid_id(n: &str) -> bool {
@@ -198,7 +226,10 @@ fn validate_env(field: &str, env: &BTreeMap<String, String>) -> Result<(), ApiEr
 fn merge_env(base: &[String], extra: &BTreeMap<String, String>) -> Vec<String> {
     let mut out: Vec<String> = base
         .iter()
-        .filter(|e| e.split_once('=').is_none_or(|(k, _)| !extra.contains_key(k)))
+        .filter(|e| {
+            e.split_once('=')
+                .is_none_or(|(k, _)| !extra.contains_key(k))
+        })
         .cloned()
         .collect();
     out.extend(extra.iter().map(|(k, v)| format!("{k}={v}")));
@@ -218,13 +249,19 @@ fn validate_timeout(field: &str, t: Option<f64>) -> Result<(), ApiError> {
 impl Manager {
     /// Opens the state directory, the image store and the cgroup parent, and re-adopts sandboxes.
     pub async fn start(cfg: Config) -> Result<Arc<Self>, anyhow_like::Error> {
-        let exe = std::env::current_exe().map_err(|e| anyhow_like::Error(format!("finding own executable: {e}")))?;
+        let exe = std::env::current_exe()
+            .map_err(|e| anyhow_like::Error(format!("finding own executable: {e}")))?;
         let root = cfg.state_dir.join("sandboxes");
-        std::fs::create_dir_all(&root).map_err(|e| anyhow_like::Error(format!("creating {}: {e}", root.display())))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| anyhow_like::Error(format!("creating {}: {e}", root.display())))?;
         let images = ImageStore::open(&cfg.state_dir.join("images"))
             .map_err(|e| anyhow_like::Error(format!("opening the image store: {e}")))?;
-        let cgroups = CgroupManager::new(&cfg.cgroup_parent)
-            .map_err(|e| anyhow_like::Error(format!("setting up the cgroup parent {:?}: {e}", cfg.cgroup_parent)))?;
+        let cgroups = CgroupManager::new(&cfg.cgroup_parent).map_err(|e| {
+            anyhow_like::Error(format!(
+                "setting up the cgroup parent {:?}: {e}",
+                cfg.cgroup_parent
+            ))
+        })?;
         let m = Arc::new(Self {
             cfg,
             exe,
@@ -233,9 +270,180 @@ impl Manager {
             cgroups: Arc::new(cgroups),
             sandboxes: tokio::sync::Mutex::new(BTreeMap::new()),
             counter: AtomicU64::new(0),
+            background: Arc::new(StdMutex::new(Vec::new())),
+            pool: StdMutex::new(Vec::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
         m.recover().await;
+        m.collect_images().await;
+        m.schedule_refill();
         Ok(m)
+    }
+
+    /// Starts a supervisor: for `state_dir`, or pooled (waiting for one on stdin, its init already in
+    /// `pool_cgroup`) when `None`.
+    fn spawn_shim(
+        &self,
+        state_dir: Option<&Path>,
+        pool_cgroup: Option<&SandboxCgroup>,
+    ) -> std::io::Result<tokio::process::Child> {
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg0("sandboxd")
+            .arg("shim")
+            .stdout(Stdio::piped())
+            .env_clear()
+            .env("RUST_BACKTRACE", "1")
+            .kill_on_drop(false);
+        if let Some(cg) = pool_cgroup {
+            cmd.env(
+                sandbox_runtime::shim::POOL_CGROUP_ENV,
+                serde_json::to_string(cg).map_err(std::io::Error::other)?,
+            );
+        }
+        match state_dir {
+            Some(dir) => {
+                let log = std::fs::File::create(dir.join("shim.log"))?;
+                cmd.stdin(Stdio::null())
+                    .stderr(Stdio::from(log))
+                    .env(sandbox_runtime::shim::STATE_DIR_ENV, dir);
+            }
+            None => {
+                cmd.stdin(Stdio::piped()).stderr(Stdio::null());
+            }
+        }
+        cmd.spawn()
+    }
+
+    /// Tops the pool up in the background (one refill at a time).
+    fn schedule_refill(self: &Arc<Self>) {
+        if self.cfg.warm_pool == 0 || self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            me.refill_pool();
+            me.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    /// Tops the pool of ready supervisors up to the configured size (blocking: creates cgroups).
+    fn refill_pool(&self) {
+        let mut dead = Vec::new();
+        {
+            let mut pool = lock(&self.pool);
+            let mut i = 0;
+            while i < pool.len() {
+                if matches!(pool[i].child.try_wait(), Ok(None)) {
+                    i += 1;
+                } else {
+                    dead.push(pool.swap_remove(i));
+                }
+            }
+        }
+        for e in dead {
+            let _ = e.cgroup.destroy();
+        }
+        while lock(&self.pool).len() < self.cfg.warm_pool
+            && !self.shutting_down.load(Ordering::Acquire)
+        {
+            let id = random_id();
+            let cgroup = match self.cgroups.create(&id, &Limits::default()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!("creating a pooled sandbox cgroup: {e}");
+                    return;
+                }
+            };
+            match self.spawn_shim(None, Some(&cgroup)) {
+                Ok(child) => lock(&self.pool).push(PoolEntry { id, cgroup, child }),
+                Err(e) => {
+                    let _ = cgroup.destroy();
+                    tracing::warn!("starting a pooled supervisor: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes a pooled supervisor whose id is still free (the caller holds the registry lock).
+    fn take_pooled(&self, taken: &BTreeMap<String, Arc<Entry>>) -> Option<PoolEntry> {
+        let mut pool = lock(&self.pool);
+        let i = pool.iter().position(|e| !taken.contains_key(&e.id))?;
+        Some(pool.swap_remove(i))
+    }
+
+    /// Hands the sandbox in `dir` to its supervisor: the pooled one, or a fresh one.
+    async fn launch_shim(
+        &self,
+        dir: &Path,
+        pooled: Option<PoolEntry>,
+    ) -> Result<tokio::process::Child, ApiError> {
+        if let Some(mut e) = pooled {
+            if let Some(mut stdin) = e.child.stdin.take() {
+                let mut line = dir.as_os_str().as_encoded_bytes().to_vec();
+                line.push(b'\n');
+                if stdin.write_all(&line).await.is_ok() {
+                    return Ok(e.child);
+                }
+            }
+            // That supervisor is gone: reap it and start a fresh one (the cgroup stays, it is the sandbox's).
+            let _ = e.child.start_kill();
+            let _ = e.child.wait().await;
+        }
+        self.spawn_shim(Some(dir), None)
+            .map_err(|e| internal("starting the sandbox supervisor", e))
+    }
+
+    /// Stops the pooled supervisors and removes their cgroups (at shutdown; after a crash they end by
+    /// themselves and the next start removes their cgroups).
+    pub async fn drain_pool(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        // A refill under way finishes the entry it is making (it checks the flag between entries); wait
+        // for it so that its entry is drained too. There is no event for this; it takes milliseconds.
+        for _ in 0..1000 {
+            if !self.refilling.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let entries: Vec<_> = std::mem::take(&mut *lock(&self.pool));
+        for mut e in entries {
+            drop(e.child.stdin.take());
+            let _ = e.child.wait().await;
+            let cg = e.cgroup;
+            let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+        }
+    }
+
+    /// Manifest digests of the images that sandboxes not yet ended run on.
+    async fn images_in_use(&self) -> std::collections::HashSet<String> {
+        self.sandboxes
+            .lock()
+            .await
+            .values()
+            .map(|e| e.snapshot())
+            .filter(|r| !r.status.is_terminal())
+            .map(|r| r.image_digest)
+            .collect()
+    }
+
+    /// Garbage-collects images that lost their last name and that no live sandbox uses any more.
+    async fn collect_images(&self) {
+        let in_use = self.images_in_use().await;
+        let images = self.images.clone();
+        let res = tokio::task::spawn_blocking(move || lock(&images).collect_garbage(&in_use)).await;
+        if let Ok(Err(e)) = res {
+            tracing::warn!("image garbage collection: {e}");
+        }
+    }
+
+    /// Waits for background deletions to finish (at shutdown).
+    pub fn finish_background_work(&self) {
+        let handles: Vec<_> = std::mem::take(&mut *lock(&self.background));
+        for h in handles {
+            let _ = h.join();
+        }
     }
 
     /// `v1` or `v2`.
@@ -260,7 +468,10 @@ impl Manager {
     // ---------------------------------------------------------------- create
 
     /// Creates and starts a sandbox; answers once it is RUNNING (or failed, leaving nothing behind).
-    pub async fn create(self: &Arc<Self>, req: CreateSandboxRequest) -> Result<SandboxInfo, ApiError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateSandboxRequest,
+    ) -> Result<SandboxInfo, ApiError> {
         let image_ref = ImageRef::parse(&req.image)?;
         let limits = ResourceLimits {
             memory_bytes: req
@@ -287,7 +498,10 @@ impl Manager {
             },
         };
         if limits.memory_bytes.is_some_and(|m| m < 4 << 20) {
-            return Err(ApiError::invalid_argument("resources.memory", "resources.memory must be at least 4Mi"));
+            return Err(ApiError::invalid_argument(
+                "resources.memory",
+                "resources.memory must be at least 4Mi",
+            ));
         }
         if let Some(n) = &req.name {
             if !valid_name(n) {
@@ -299,17 +513,26 @@ impl Manager {
         }
         if let Some(c) = &req.command {
             if c.is_empty() || c[0].is_empty() {
-                return Err(ApiError::invalid_argument("command", "command must not be empty"));
+                return Err(ApiError::invalid_argument(
+                    "command",
+                    "command must not be empty",
+                ));
             }
         }
         if let Some(cwd) = &req.cwd {
             if !cwd.starts_with('/') {
-                return Err(ApiError::invalid_argument("cwd", "cwd must be an absolute path"));
+                return Err(ApiError::invalid_argument(
+                    "cwd",
+                    "cwd must be an absolute path",
+                ));
             }
         }
         validate_env("env", &req.env)?;
         if req.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
-            return Err(ApiError::invalid_argument("tags", "tags must be 1-128 characters"));
+            return Err(ApiError::invalid_argument(
+                "tags",
+                "tags must be 1-128 characters",
+            ));
         }
 
         let canonical = image_ref.canonical();
@@ -318,7 +541,12 @@ impl Manager {
         let argv: Vec<String> = match (&req.command, req.use_image_command) {
             (Some(cmd), _) => cfg.entrypoint.iter().chain(cmd.iter()).cloned().collect(),
             (None, true) => {
-                let v: Vec<String> = cfg.entrypoint.iter().chain(cfg.cmd.iter()).cloned().collect();
+                let v: Vec<String> = cfg
+                    .entrypoint
+                    .iter()
+                    .chain(cfg.cmd.iter())
+                    .cloned()
+                    .collect();
                 if v.is_empty() {
                     return Err(ApiError::invalid_argument(
                         "use_image_command",
@@ -332,86 +560,145 @@ impl Manager {
         let process = ProcessSpec {
             args: argv.clone(),
             env: merge_env(&cfg.env, &req.env),
-            cwd: req
-                .cwd
-                .clone()
-                .unwrap_or_else(|| if cfg.working_dir.is_empty() { "/".into() } else { cfg.working_dir.clone() }),
-            user: req
-                .user
-                .clone()
-                .unwrap_or_else(|| if cfg.user.is_empty() { "0".into() } else { cfg.user.clone() }),
-        };
-
-        // Reserve id, name and uid range, and persist the record before creating anything.
-        let (entry, rec) = {
-            let mut map = self.sandboxes.lock().await;
-            let id = loop {
-                let id = random_id();
-                if !map.contains_key(&id) {
-                    break id;
+            cwd: req.cwd.clone().unwrap_or_else(|| {
+                if cfg.working_dir.is_empty() {
+                    "/".into()
+                } else {
+                    cfg.working_dir.clone()
                 }
-            };
-            let name = req.name.clone().unwrap_or_else(|| format!("sb-{}", &id[..8]));
-            if map.values().any(|e| lock(&e.rec).name == name) {
-                return Err(ApiError::new(ErrorCode::NameConflict, format!("the name {name:?} is already in use")));
-            }
-            let used: std::collections::HashSet<u32> = map.values().map(|e| lock(&e.rec).host_uid).collect();
-            let host_uid = (0..self.cfg.max_sandboxes)
-                .map(|i| self.cfg.uid_base + i * ID_RANGE)
-                .find(|u| !used.contains(u))
-                .ok_or_else(|| {
-                    ApiError::new(
-                        ErrorCode::ResourceExhausted,
-                        format!("all {} sandbox uid ranges are in use; remove sandboxes first", self.cfg.max_sandboxes),
-                    )
-                })?;
-            let now = sandbox_runtime::spec::now_ms();
-            let rec = Record {
-                id: id.clone(),
-                name,
-                image: canonical.clone(),
-                image_digest: image.digest.clone(),
-                command: argv,
-                process,
-                created_at_ms: now,
-                started_at_ms: None,
-                status_updated_at_ms: now,
-                finished_at_ms: None,
-                status: SandboxStatus::Creating,
-                status_reason: None,
-                exit: None,
-                init: None,
-                shim: None,
-                limits: limits.clone(),
-                host_uid,
-                tags: req.tags.clone(),
-                auto_remove: req.auto_remove,
-                stop_requested: false,
-                cgroup: None,
-            };
-            let dir = self.root.join(&id);
-            std::fs::create_dir(&dir).map_err(|e| internal("creating the sandbox's state directory", e))?;
-            if let Err(e) = persist(&dir, &rec) {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(internal("persisting the sandbox record", e));
-            }
-            let (tx, _) = watch::channel(rec.status);
-            let entry = Arc::new(Entry {
-                dir,
-                rec: StdMutex::new(rec.clone()),
-                status: tx,
-            });
-            map.insert(id, entry.clone());
-            (entry, rec)
+            }),
+            user: req.user.clone().unwrap_or_else(|| {
+                if cfg.user.is_empty() {
+                    "0".into()
+                } else {
+                    cfg.user.clone()
+                }
+            }),
         };
 
-        match self.start_sandbox(&entry, &rec, &image, &limits).await {
+        // Reserve id, name and uid range, and persist the record before creating anything. A pooled
+        // supervisor brings the id (and a cgroup its init already joined).
+        let (entry, rec, pooled) = {
+            let mut map = self.sandboxes.lock().await;
+            let mut pooled = self.take_pooled(&map);
+            let id = match &pooled {
+                Some(p) => p.id.clone(),
+                None => loop {
+                    let id = random_id();
+                    if !map.contains_key(&id) {
+                        break id;
+                    }
+                },
+            };
+            let reserved = self.reserve(
+                &mut map,
+                id,
+                &req,
+                canonical.clone(),
+                &image,
+                argv,
+                process,
+                &limits,
+            );
+            match reserved {
+                Ok((entry, rec)) => (entry, rec, pooled),
+                Err(e) => {
+                    if let Some(p) = pooled.take() {
+                        lock(&self.pool).push(p);
+                    }
+                    return Err(e);
+                }
+            }
+        };
+
+        match self
+            .start_sandbox(&entry, &rec, &image, &limits, pooled)
+            .await
+        {
             Ok(info) => Ok(info),
             Err(e) => {
                 self.discard(&entry).await;
                 Err(e)
             }
         }
+    }
+
+    /// Reserves the name and a uid range and persists the record (status CREATING).
+    #[allow(clippy::too_many_arguments)]
+    fn reserve(
+        &self,
+        map: &mut BTreeMap<String, Arc<Entry>>,
+        id: String,
+        req: &CreateSandboxRequest,
+        canonical: String,
+        image: &StoredImage,
+        argv: Vec<String>,
+        process: ProcessSpec,
+        limits: &ResourceLimits,
+    ) -> Result<(Arc<Entry>, Record), ApiError> {
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("sb-{}", &id[..8]));
+        if map.values().any(|e| lock(&e.rec).name == name) {
+            return Err(ApiError::new(
+                ErrorCode::NameConflict,
+                format!("the name {name:?} is already in use"),
+            ));
+        }
+        let used: std::collections::HashSet<u32> =
+            map.values().map(|e| lock(&e.rec).host_uid).collect();
+        let host_uid = (0..self.cfg.max_sandboxes)
+            .map(|i| self.cfg.uid_base + i * ID_RANGE)
+            .find(|u| !used.contains(u))
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::ResourceExhausted,
+                    format!(
+                        "all {} sandbox uid ranges are in use; remove sandboxes first",
+                        self.cfg.max_sandboxes
+                    ),
+                )
+            })?;
+        let now = sandbox_runtime::spec::now_ms();
+        let rec = Record {
+            id: id.clone(),
+            name,
+            image: canonical,
+            image_digest: image.digest.clone(),
+            command: argv,
+            process,
+            created_at_ms: now,
+            started_at_ms: None,
+            status_updated_at_ms: now,
+            finished_at_ms: None,
+            status: SandboxStatus::Creating,
+            status_reason: None,
+            exit: None,
+            init: None,
+            shim: None,
+            limits: limits.clone(),
+            host_uid,
+            tags: req.tags.clone(),
+            auto_remove: req.auto_remove,
+            stop_requested: false,
+            cgroup: None,
+        };
+        let dir = self.root.join(&id);
+        std::fs::create_dir(&dir)
+            .map_err(|e| internal("creating the sandbox's state directory", e))?;
+        if let Err(e) = persist(&dir, &rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(internal("persisting the sandbox record", e));
+        }
+        let (tx, _) = watch::channel(rec.status);
+        let entry = Arc::new(Entry {
+            dir,
+            rec: StdMutex::new(rec.clone()),
+            status: tx,
+        });
+        map.insert(id, entry.clone());
+        Ok((entry, rec))
     }
 
     async fn resolve_image(&self, canonical: &str) -> Result<StoredImage, ApiError> {
@@ -435,6 +722,7 @@ impl Manager {
         rec: &Record,
         image: &StoredImage,
         limits: &ResourceLimits,
+        pooled: Option<PoolEntry>,
     ) -> Result<SandboxInfo, ApiError> {
         let cg_limits = Limits {
             memory_bytes: limits.memory_bytes,
@@ -443,10 +731,19 @@ impl Manager {
         };
         let cgroups = self.cgroups.clone();
         let id = rec.id.clone();
-        let cgroup = tokio::task::spawn_blocking(move || cgroups.create(&id, &cg_limits))
-            .await
-            .map_err(|e| internal("cgroup creation", e))?
-            .map_err(|e| ApiError::new(ErrorCode::StartFailed, format!("creating the sandbox's cgroup: {e}")))?;
+        let pooled_cg = pooled.as_ref().map(|p| p.cgroup.clone());
+        let cgroup = tokio::task::spawn_blocking(move || match pooled_cg {
+            Some(cg) => cgroups.apply_limits(&cg, &cg_limits).map(|()| cg),
+            None => cgroups.create(&id, &cg_limits),
+        })
+        .await
+        .map_err(|e| internal("cgroup creation", e))?
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::StartFailed,
+                format!("setting up the sandbox's cgroup: {e}"),
+            )
+        })?;
         entry.update(|r| r.cgroup = Some(cgroup.clone()));
 
         let layers = lock(&self.images).layer_dirs(image);
@@ -457,42 +754,48 @@ impl Manager {
             layers,
             host_uid: rec.host_uid,
             cgroup,
-            process: if rec.command.is_empty() { None } else { Some(rec.process.clone()) },
+            process: if rec.command.is_empty() {
+                None
+            } else {
+                Some(rec.process.clone())
+            },
         };
-        let spec_data = serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
-        std::fs::write(entry.dir.join("spec.json"), spec_data).map_err(|e| internal("writing spec.json", e))?;
-        let shim_log = std::fs::File::create(entry.dir.join("shim.log")).map_err(|e| internal("creating shim.log", e))?;
-
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg0("sandboxd")
-            .arg("shim")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(shim_log))
-            .env_clear()
-            .env(sandbox_runtime::shim::STATE_DIR_ENV, &entry.dir)
-            .env("RUST_BACKTRACE", "1")
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|e| internal("starting the sandbox supervisor", e))?;
-        let stdout = child.stdout.take().ok_or_else(|| internal("supervisor", "no stdout pipe"))?;
+        let spec_data =
+            serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
+        std::fs::write(entry.dir.join("spec.json"), spec_data)
+            .map_err(|e| internal("writing spec.json", e))?;
+        let mut child = self.launch_shim(&entry.dir, pooled).await?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| internal("supervisor", "no stdout pipe"))?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let report = match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
-            Ok(Ok(Some(line))) => serde_json::from_str::<StartReport>(&line)
-                .map_err(|e| internal("decoding the supervisor's report", format!("{e}: {line:?}"))),
+            Ok(Ok(Some(line))) => serde_json::from_str::<StartReport>(&line).map_err(|e| {
+                internal("decoding the supervisor's report", format!("{e}: {line:?}"))
+            }),
             Ok(Ok(None)) => Err(ApiError::new(
                 ErrorCode::StartFailed,
-                format!("the sandbox supervisor exited without a report; see {}/shim.log", entry.dir.display()),
+                format!(
+                    "the sandbox supervisor exited without a report; see {}/shim.log",
+                    entry.dir.display()
+                ),
             )),
             Ok(Err(e)) => Err(internal("reading the supervisor's report", e)),
-            Err(_) => Err(ApiError::new(ErrorCode::StartFailed, "the sandbox did not start within 60 s")),
+            Err(_) => Err(ApiError::new(
+                ErrorCode::StartFailed,
+                "the sandbox did not start within 60 s",
+            )),
         };
         drop(lines);
         let init = match report {
             Ok(StartReport::Started { init }) => init,
             Ok(StartReport::Failed { message }) => {
                 let _ = child.wait().await;
-                return Err(ApiError::new(ErrorCode::StartFailed, format!("the sandbox could not start: {message}")));
+                return Err(ApiError::new(
+                    ErrorCode::StartFailed,
+                    format!("the sandbox could not start: {message}"),
+                ));
             }
             Err(e) => {
                 let _ = child.start_kill();
@@ -500,7 +803,9 @@ impl Manager {
                 return Err(e);
             }
         };
-        let shim = read_json::<ProcRecord>(&entry.dir.join("shim.json")).ok().flatten();
+        let shim = read_json::<ProcRecord>(&entry.dir.join("shim.json"))
+            .ok()
+            .flatten();
         let rec = entry.update(|r| {
             r.init = Some(init);
             r.shim = shim;
@@ -513,6 +818,7 @@ impl Manager {
             let _ = child.wait().await;
             me.finalize(&id).await;
         });
+        self.schedule_refill();
         Ok(rec.info())
     }
 
@@ -536,29 +842,41 @@ impl Manager {
         let Ok(entry) = self.entry(id).await else {
             return;
         };
-        let exit = read_json::<ExitRecord>(&entry.dir.join("exit.json")).ok().flatten();
+        let exit = read_json::<ExitRecord>(&entry.dir.join("exit.json"))
+            .ok()
+            .flatten();
         let cg = self.cgroups.sandbox(id);
         let rec = entry.snapshot();
         if exit.is_none() {
             // The supervisor died without recording anything: make sure nothing of the sandbox survives.
             if let Some(init) = rec.init {
-                if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time) {
-                    let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL);
+                if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time)
+                {
+                    let _ = sandbox_runtime::sys::pidfd_send_signal(
+                        std::os::fd::AsFd::as_fd(&fd),
+                        libc::SIGKILL,
+                    );
                 }
             }
         }
-        let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
         let rec = entry.update(|r| {
             let (status, reason) = match &exit {
                 None => (
                     SandboxStatus::Failed,
                     "the sandbox's supervisor exited without recording an exit status".to_owned(),
                 ),
-                Some(x) if r.stop_requested => (SandboxStatus::Terminated, format!("stopped: {}", x.reason)),
-                Some(x) if x.code == Some(0) && !x.oom_killed => (SandboxStatus::Completed, x.reason.clone()),
+                Some(x) if r.stop_requested => {
+                    (SandboxStatus::Terminated, format!("stopped: {}", x.reason))
+                }
+                Some(x) if x.code == Some(0) && !x.oom_killed => {
+                    (SandboxStatus::Completed, x.reason.clone())
+                }
                 Some(x) => (SandboxStatus::Failed, x.reason.clone()),
             };
-            r.finished_at_ms = Some(exit.as_ref().map_or_else(sandbox_runtime::spec::now_ms, |x| x.finished_at_ms));
+            r.finished_at_ms = Some(
+                exit.as_ref()
+                    .map_or_else(sandbox_runtime::spec::now_ms, |x| x.finished_at_ms),
+            );
             r.exit = exit.clone().or_else(|| {
                 Some(ExitRecord {
                     code: None,
@@ -571,6 +889,10 @@ impl Manager {
             r.set_status(status, Some(reason));
         });
         tracing::info!(id = %rec.id, status = %rec.status, reason = ?rec.status_reason, "sandbox ended");
+        // Every process of the sandbox died with its init (pid namespace); the cgroup only needs removing.
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.destroy()).await {
+            tracing::warn!(id = %rec.id, "removing the cgroup: {e}");
+        }
         if rec.auto_remove {
             let _ = self.remove(&rec.id).await;
         }
@@ -598,7 +920,12 @@ impl Manager {
     }
 
     /// Waits for a condition.
-    pub async fn wait(&self, id: &str, cond: WaitCondition, timeout: Option<f64>) -> Result<SandboxInfo, ApiError> {
+    pub async fn wait(
+        &self,
+        id: &str,
+        cond: WaitCondition,
+        timeout: Option<f64>,
+    ) -> Result<SandboxInfo, ApiError> {
         validate_timeout("timeout_seconds", timeout)?;
         let entry = self.entry(id).await?;
         let mut rx = entry.status.subscribe();
@@ -608,7 +935,9 @@ impl Manager {
         };
         let fut = rx.wait_for(|s| reached(*s));
         let res = match timeout {
-            Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut).await.ok(),
+            Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut)
+                .await
+                .ok(),
             None => Some(fut.await),
         };
         match res {
@@ -616,7 +945,10 @@ impl Manager {
             Some(Err(_)) => Err(not_found(id)),
             None => Err(ApiError::new(
                 ErrorCode::WaitTimeout,
-                format!("sandbox {id} did not reach the condition within {} s", timeout.unwrap_or(0.0)),
+                format!(
+                    "sandbox {id} did not reach the condition within {} s",
+                    timeout.unwrap_or(0.0)
+                ),
             )),
         }
     }
@@ -627,7 +959,10 @@ impl Manager {
     pub async fn stop(&self, id: &str, grace: Option<f64>) -> Result<SandboxInfo, ApiError> {
         let grace = grace.unwrap_or(self.cfg.stop_grace_seconds);
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
-            return Err(ApiError::invalid_argument("grace_seconds", "grace_seconds must be between 0 and 3600"));
+            return Err(ApiError::invalid_argument(
+                "grace_seconds",
+                "grace_seconds must be between 0 and 3600",
+            ));
         }
         let entry = self.entry(id).await?;
         let rec = entry.snapshot();
@@ -641,18 +976,20 @@ impl Manager {
         let Some(init) = rec.init else {
             return Ok(rec.info());
         };
-        let signal = |sig: i32| match sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time) {
-            Ok(fd) => {
+        let signal = |sig: i32| {
+            if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(init.pid, init.start_time) {
                 let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), sig);
             }
-            Err(_) => {}
         };
         let mut rx = entry.status.subscribe();
         if grace > 0.0 {
             signal(libc::SIGTERM);
-            if tokio::time::timeout(Duration::from_secs_f64(grace), rx.wait_for(|s| s.is_terminal()))
-                .await
-                .is_ok()
+            if tokio::time::timeout(
+                Duration::from_secs_f64(grace),
+                rx.wait_for(|s| s.is_terminal()),
+            )
+            .await
+            .is_ok()
             {
                 return Ok(entry.snapshot().info());
             }
@@ -681,7 +1018,10 @@ impl Manager {
             if !force {
                 return Err(ApiError::new(
                     ErrorCode::SandboxRunning,
-                    format!("sandbox {id} is {}; stop it first or delete with force", rec.status),
+                    format!(
+                        "sandbox {id} is {}; stop it first or delete with force",
+                        rec.status
+                    ),
                 ));
             }
             self.stop(&rec.id, Some(0.0)).await?;
@@ -695,16 +1035,33 @@ impl Manager {
         };
         let cg = self.cgroups.sandbox(id);
         let dir = entry.dir.clone();
+        let trash = self.root.join(format!(".removed-{id}"));
+        let background = self.background.clone();
         tokio::task::spawn_blocking(move || {
-            cg.destroy().map_err(|e| internal("removing the sandbox's cgroup", e))?;
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => Ok(()),
+            cg.destroy()
+                .map_err(|e| internal("removing the sandbox's cgroup", e))?;
+            // The directory is renamed away at once (atomic) and deleted in the background; a daemon that
+            // dies before the deletion finishes removes `.removed-*` leftovers when it starts.
+            match std::fs::rename(&dir, &trash) {
+                Ok(()) => {
+                    let h = std::thread::spawn(move || {
+                        if let Err(e) = std::fs::remove_dir_all(&trash) {
+                            tracing::warn!("removing {}: {e}", trash.display());
+                        }
+                    });
+                    let mut pending = lock(&background);
+                    pending.retain(|h| !h.is_finished());
+                    pending.push(h);
+                    Ok(())
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(internal("removing the sandbox's state directory", e)),
             }
         })
         .await
-        .map_err(|e| internal("remove", e))?
+        .map_err(|e| internal("remove", e))??;
+        self.collect_images().await;
+        Ok(())
     }
 
     // ---------------------------------------------------------------- exec and logs
@@ -712,16 +1069,24 @@ impl Manager {
     /// Runs a command in a running sandbox and collects its output.
     pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, ApiError> {
         if req.command.is_empty() || req.command[0].is_empty() {
-            return Err(ApiError::invalid_argument("command", "command must not be empty"));
+            return Err(ApiError::invalid_argument(
+                "command",
+                "command must not be empty",
+            ));
         }
         if req.cwd.as_deref().is_some_and(|c| !c.starts_with('/')) {
-            return Err(ApiError::invalid_argument("cwd", "cwd must be an absolute path"));
+            return Err(ApiError::invalid_argument(
+                "cwd",
+                "cwd must be an absolute path",
+            ));
         }
         validate_env("env", &req.env)?;
         validate_timeout("timeout_seconds", req.timeout_seconds)?;
         let entry = self.entry(id).await?;
         let rec = entry.snapshot();
-        let (Some(init), Some(cgroup), SandboxStatus::Running) = (rec.init, rec.cgroup.clone(), rec.status) else {
+        let (Some(init), Some(cgroup), SandboxStatus::Running) =
+            (rec.init, rec.cgroup.clone(), rec.status)
+        else {
             return Err(ApiError::new(
                 ErrorCode::SandboxNotRunning,
                 format!("sandbox {id} is {}, not RUNNING", rec.status),
@@ -740,9 +1105,17 @@ impl Manager {
             },
             timeout_seconds: req.timeout_seconds,
         };
-        let cap = req.max_output_bytes.unwrap_or(self.cfg.exec_max_output_bytes);
+        let cap = req
+            .max_output_bytes
+            .unwrap_or(self.cfg.exec_max_output_bytes);
         let started = std::time::Instant::now();
-        let out = run_exec_helper(&self.exe, &spec, req.stdin.as_deref().map(str::as_bytes), cap).await?;
+        let out = run_exec_helper(
+            &self.exe,
+            &spec,
+            req.stdin.as_deref().map(str::as_bytes),
+            cap,
+        )
+        .await?;
         let mut result = ExecResult::from_bytes(&out.stdout, &out.stderr);
         result.stdout_truncated = out.stdout_truncated;
         result.stderr_truncated = out.stderr_truncated;
@@ -775,12 +1148,20 @@ impl Manager {
             ExecEvent::Failed { message } => {
                 let still = entry.snapshot().status == SandboxStatus::Running;
                 if !still || message.contains("not running") {
-                    Err(ApiError::new(ErrorCode::SandboxNotRunning, format!("sandbox {id} is not running")))
+                    Err(ApiError::new(
+                        ErrorCode::SandboxNotRunning,
+                        format!("sandbox {id} is not running"),
+                    ))
                 } else {
-                    Err(ApiError::new(ErrorCode::Internal, format!("exec failed: {message}")))
+                    Err(ApiError::new(
+                        ErrorCode::Internal,
+                        format!("exec failed: {message}"),
+                    ))
                 }
             }
-            ExecEvent::Started { .. } => Err(internal("exec", "helper ended without an exit status")),
+            ExecEvent::Started { .. } => {
+                Err(internal("exec", "helper ended without an exit status"))
+            }
         }
     }
 
@@ -805,6 +1186,12 @@ impl Manager {
         if !path.is_absolute() {
             return Err(ApiError::invalid_argument("path", "path must be absolute"));
         }
+        if let Err(e) = std::fs::symlink_metadata(&path) {
+            return Err(ApiError::invalid_argument(
+                "path",
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
         let reference = req
             .reference
             .as_deref()
@@ -812,12 +1199,18 @@ impl Manager {
             .transpose()?;
         let images = self.images.clone();
         let img = tokio::task::spawn_blocking(move || {
-            let norm = |s: &str| ImageRef::parse(s).map(|r| r.canonical()).map_err(|e| e.message);
+            let norm = |s: &str| {
+                ImageRef::parse(s)
+                    .map(|r| r.canonical())
+                    .map_err(|e| e.message)
+            };
             lock(&images).import(&path, reference.as_deref(), &norm)
         })
         .await
         .map_err(|e| internal("import", e))?
         .map_err(image_error)?;
+        // A name that moved to the new image may have left an old one nameless.
+        self.collect_images().await;
         Ok(image_info(&img))
     }
 
@@ -835,7 +1228,9 @@ impl Manager {
         if reference.starts_with("sha256:") {
             reference.to_owned()
         } else {
-            ImageRef::parse(reference).map(|r| r.canonical()).unwrap_or_else(|_| reference.to_owned())
+            ImageRef::parse(reference)
+                .map(|r| r.canonical())
+                .unwrap_or_else(|_| reference.to_owned())
         }
     }
 
@@ -872,15 +1267,21 @@ impl Manager {
             if !users.is_empty() {
                 return Err(ApiError::new(
                     ErrorCode::ImageInUse,
-                    format!("image {reference} is used by sandbox(es) {}; remove them or force", users.join(", ")),
+                    format!(
+                        "image {reference} is used by sandbox(es) {}; remove them or force",
+                        users.join(", ")
+                    ),
                 ));
             }
         }
+        // Even forced, the content of an image that live sandboxes run on stays until they are gone.
+        let in_use = self.images_in_use().await;
         let images = self.images.clone();
-        let removed = tokio::task::spawn_blocking(move || lock(&images).remove(&key))
-            .await
-            .map_err(|e| internal("image remove", e))?
-            .map_err(image_error)?;
+        let removed =
+            tokio::task::spawn_blocking(move || lock(&images).remove_keeping(&key, &in_use))
+                .await
+                .map_err(|e| internal("image remove", e))?
+                .map_err(image_error)?;
         Ok(image_info(&removed))
     }
 
@@ -953,7 +1354,10 @@ impl Manager {
         for f in ["init.json", "shim.json"] {
             if let Ok(Some(p)) = read_json::<ProcRecord>(&dir.join(f)) {
                 if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(p.pid, p.start_time) {
-                    let _ = sandbox_runtime::sys::pidfd_send_signal(std::os::fd::AsFd::as_fd(&fd), libc::SIGKILL);
+                    let _ = sandbox_runtime::sys::pidfd_send_signal(
+                        std::os::fd::AsFd::as_fd(&fd),
+                        libc::SIGKILL,
+                    );
                     wait_pidfd(fd).await;
                 }
             }
@@ -1000,10 +1404,12 @@ fn read_tail(path: &Path, cap: u64) -> Result<Vec<u8>, ApiError> {
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len > cap {
-        f.seek(SeekFrom::Start(len - cap)).map_err(|e| internal("reading logs", e))?;
+        f.seek(SeekFrom::Start(len - cap))
+            .map_err(|e| internal("reading logs", e))?;
     }
     let mut v = Vec::new();
-    f.read_to_end(&mut v).map_err(|e| internal("reading logs", e))?;
+    f.read_to_end(&mut v)
+        .map_err(|e| internal("reading logs", e))?;
     Ok(v)
 }
 
@@ -1040,45 +1446,59 @@ async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Cap
 }
 
 /// Starts `sandboxd exec-helper` with its control socket on fd 3 and collects the result.
-async fn run_exec_helper(exe: &Path, spec: &ExecSpec, stdin: Option<&[u8]>, cap: u64) -> Result<ExecOutput, ApiError> {
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", e))?;
+async fn run_exec_helper(
+    exe: &Path,
+    spec: &ExecSpec,
+    stdin: Option<&[u8]>,
+    cap: u64,
+) -> Result<ExecOutput, ApiError> {
+    let (ours, theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", e))?;
     let theirs_fd = theirs.as_raw_fd();
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg0("sandboxd")
         .arg("exec-helper")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
         .kill_on_drop(true);
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl, which are
-    // async-signal-safe; it touches no memory shared with other threads.
+    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl (through
+    // `place_fd`), which are async-signal-safe; it touches no memory shared with other threads.
     unsafe {
         cmd.pre_exec(move || {
-            if theirs_fd == sandbox_runtime::exec::CONTROL_FD {
-                let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
-                if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(theirs_fd, sandbox_runtime::exec::CONTROL_FD) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            sandbox_runtime::sys::place_fd(theirs_fd, sandbox_runtime::exec::CONTROL_FD)
         });
     }
-    let mut child = cmd.spawn().map_err(|e| internal("starting the exec helper", e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| internal("starting the exec helper", e))?;
     drop(theirs);
-    ours.set_nonblocking(true).map_err(|e| internal("socket", e))?;
+    ours.set_nonblocking(true)
+        .map_err(|e| internal("socket", e))?;
     let ctl = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", e))?;
     let (ctl_r, mut ctl_w) = ctl.into_split();
     let mut line = serde_json::to_vec(spec).map_err(|e| internal("encoding the exec spec", e))?;
     line.push(b'\n');
-    ctl_w.write_all(&line).await.map_err(|e| internal("sending the exec spec", e))?;
+    ctl_w
+        .write_all(&line)
+        .await
+        .map_err(|e| internal("sending the exec spec", e))?;
 
     let out = Arc::new(StdMutex::new(Capped::default()));
     let err = Arc::new(StdMutex::new(Capped::default()));
-    let so = child.stdout.take().ok_or_else(|| internal("exec", "no stdout pipe"))?;
-    let se = child.stderr.take().ok_or_else(|| internal("exec", "no stderr pipe"))?;
+    let so = child
+        .stdout
+        .take()
+        .ok_or_else(|| internal("exec", "no stdout pipe"))?;
+    let se = child
+        .stderr
+        .take()
+        .ok_or_else(|| internal("exec", "no stderr pipe"))?;
     let t_out = tokio::spawn(collect(so, cap, out.clone()));
     let t_err = tokio::spawn(collect(se, cap, err.clone()));
     if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {

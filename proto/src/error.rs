@@ -47,7 +47,10 @@ impl ErrorCode {
             Self::InvalidRequest | Self::InvalidArgument | Self::InvalidImage => 400,
             Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound => 404,
             Self::ExecTimeout | Self::WaitTimeout => 408,
-            Self::SandboxNotRunning | Self::SandboxRunning | Self::NameConflict | Self::ImageInUse => 409,
+            Self::SandboxNotRunning
+            | Self::SandboxRunning
+            | Self::NameConflict
+            | Self::ImageInUse => 409,
             Self::DigestMismatch => 422,
             Self::ResourceExhausted => 507,
             Self::StartFailed | Self::Internal => 500,

@@ -34,8 +34,14 @@ impl ImageRef {
                 let hex = d
                     .strip_prefix("sha256:")
                     .ok_or_else(|| bad("only sha256 digests are supported"))?;
-                if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
-                    return Err(bad("digest must be sha256: followed by 64 lowercase hex characters"));
+                if hex.len() != 64
+                    || !hex
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+                {
+                    return Err(bad(
+                        "digest must be sha256: followed by 64 lowercase hex characters",
+                    ));
                 }
                 (r, Some(d.to_owned()))
             }
@@ -44,13 +50,17 @@ impl ImageRef {
         // A tag is after the last ':' that follows the last '/'.
         let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
         let (name, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => (&rest[..last_slash + i], Some(rest[last_slash + i + 1..].to_owned())),
+            Some(i) => (
+                &rest[..last_slash + i],
+                Some(rest[last_slash + i + 1..].to_owned()),
+            ),
             None => (rest, None),
         };
         if let Some(t) = &tag {
             let ok = !t.is_empty()
                 && t.len() <= 128
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
                 && !t.starts_with(['.', '-']);
             if !ok {
                 return Err(bad("tag must be [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"));
@@ -74,12 +84,15 @@ impl ImageRef {
         };
         let component_ok = |c: &str| {
             !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && c.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
                 && c.as_bytes()[0].is_ascii_alphanumeric()
                 && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
         };
         if !repository.split('/').all(component_ok) {
-            return Err(bad("repository path components must be lowercase [a-z0-9] separated by . _ or -"));
+            return Err(bad(
+                "repository path components must be lowercase [a-z0-9] separated by . _ or -",
+            ));
         }
         let tag = match (&tag, &digest) {
             (None, None) => Some("latest".to_owned()),
@@ -125,17 +138,32 @@ mod tests {
         assert_eq!(c("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(c("library/busybox"), "docker.io/library/busybox:latest");
         assert_eq!(c("user/app:v1"), "docker.io/user/app:v1");
-        assert_eq!(c("index.docker.io/library/python:3.11"), "docker.io/library/python:3.11");
+        assert_eq!(
+            c("index.docker.io/library/python:3.11"),
+            "docker.io/library/python:3.11"
+        );
         assert_eq!(c("127.0.0.1:5000/busybox"), "127.0.0.1:5000/busybox:latest");
         assert_eq!(c("localhost/x:y"), "localhost/x:y");
         assert_eq!(c("ghcr.io/a/b/c:1.0"), "ghcr.io/a/b/c:1.0");
         let d = format!("busybox@sha256:{}", "a".repeat(64));
-        assert_eq!(c(&d), format!("docker.io/library/busybox@sha256:{}", "a".repeat(64)));
+        assert_eq!(
+            c(&d),
+            format!("docker.io/library/busybox@sha256:{}", "a".repeat(64))
+        );
     }
 
     #[test]
     fn rejects_bad() {
-        for s in ["", "UPPER", "a:", "a@sha256:xyz", "a@md5:00", "a:-x", "a//b", "-a"] {
+        for s in [
+            "",
+            "UPPER",
+            "a:",
+            "a@sha256:xyz",
+            "a@md5:00",
+            "a:-x",
+            "a//b",
+            "-a",
+        ] {
             assert!(ImageRef::parse(s).is_err(), "{s}");
         }
     }

@@ -60,7 +60,10 @@ pub fn parse_cpu(field: &str, s: &str) -> Result<u64, ApiError> {
         Some(n) => (n, true),
         None => (t, false),
     };
-    if num.is_empty() || !num.chars().all(|c| c.is_ascii_digit() || c == '.') || num.starts_with('.') {
+    if num.is_empty()
+        || !num.chars().all(|c| c.is_ascii_digit() || c == '.')
+        || num.starts_with('.')
+    {
         return Err(bad());
     }
     let v: f64 = num.parse().map_err(|_| bad())?;

@@ -479,6 +479,47 @@ impl CgroupManager {
         Ok(())
     }
 
+    /// Writes `limits` into an existing sandbox cgroup (one created ahead of time, e.g. for a pooled
+    /// supervisor whose init already sits in it). `None` fields are left as they are.
+    pub fn apply_limits(&self, cg: &SandboxCgroup, limits: &Limits) -> Result<(), CgroupError> {
+        let quota = limits.cpu_millis.map(cpu_quota_us).transpose()?;
+        let memory = limits
+            .memory_bytes
+            .map(|b| to_i64("memory_bytes", b))
+            .transpose()?;
+        let pids = limits.pids.map(|p| to_i64("pids", p)).transpose()?;
+        if cg.dirs.len() != self.hiers.len() {
+            return Err(CgroupError::EmptyHandle);
+        }
+        let v2 = self.version == CgroupVersion::V2;
+        for (h, dir) in self.hiers.iter().zip(&cg.dirs) {
+            let has = |c: Ctl| v2 || h.ctls.contains(&c);
+            if let Some(bytes) = memory.filter(|_| has(Ctl::Memory)) {
+                let mem = MemController::new(dir.clone(), h.mount_point.clone(), v2);
+                if v2 {
+                    set_memory(&mem, bytes, "memory.swap.max", 0)?;
+                } else {
+                    set_memory(&mem, bytes, "memory.memsw.limit_in_bytes", bytes)?;
+                }
+            }
+            if let Some(q) = quota.filter(|_| has(Ctl::Cpu)) {
+                if v2 {
+                    write_existing_or_new(&dir.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+                } else {
+                    write_existing(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write_existing(&dir.join("cpu.cfs_quota_us"), &q.to_string())?;
+                }
+            }
+            if let Some(n) = pids.filter(|_| has(Ctl::Pids)) {
+                set_pids(
+                    &PidController::new(dir.clone(), h.mount_point.clone(), v2),
+                    n,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// The handle for an existing (or not) sandbox cgroup, without creating anything. An invalid id gives a
     /// handle without directories (every operation on it is a no-op or [`CgroupError::EmptyHandle`]).
     pub fn sandbox(&self, id: &str) -> SandboxCgroup {

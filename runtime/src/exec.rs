@@ -50,14 +50,22 @@ pub fn main() -> i32 {
     let ctl_fd = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let mut ctl = UnixStream::from(ctl_fd);
     let mut line = String::new();
-    let read = ctl.try_clone().map(BufReader::new).and_then(|mut r| r.read_line(&mut line));
+    let read = ctl
+        .try_clone()
+        .map(BufReader::new)
+        .and_then(|mut r| r.read_line(&mut line));
     if read.is_err() || line.is_empty() {
         return 2;
     }
     let spec: ExecSpec = match serde_json::from_str(&line) {
         Ok(s) => s,
         Err(e) => {
-            send(&mut ctl, &ExecEvent::Failed { message: format!("bad exec spec: {e}") });
+            send(
+                &mut ctl,
+                &ExecEvent::Failed {
+                    message: format!("bad exec spec: {e}"),
+                },
+            );
             return 2;
         }
     };
@@ -96,12 +104,24 @@ fn open_leaf(spec: &ExecSpec) -> Result<Leaf, String> {
         name: spec.cgroup_leaf.clone(),
     };
     for (dir, parent) in leaf.dirs.iter().zip(spec.cgroup.dirs.iter()) {
-        let d = nix::fcntl::open(dir, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty())
-            .map_err(|e| format!("opening {}: {e}", dir.display()))?;
-        let p = nix::fcntl::open(dir.join("cgroup.procs").as_path(), OFlag::O_WRONLY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| format!("opening {}/cgroup.procs: {e}", dir.display()))?;
-        let par = nix::fcntl::open(parent, OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY, Mode::empty())
-            .map_err(|e| format!("opening {}: {e}", parent.display()))?;
+        let d = nix::fcntl::open(
+            dir,
+            OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        let p = nix::fcntl::open(
+            dir.join("cgroup.procs").as_path(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening {}/cgroup.procs: {e}", dir.display()))?;
+        let par = nix::fcntl::open(
+            parent,
+            OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening {}: {e}", parent.display()))?;
         out.dirs.push(d);
         out.procs.push(p);
         out.parents.push(par);
@@ -110,7 +130,12 @@ fn open_leaf(spec: &ExecSpec) -> Result<Leaf, String> {
 }
 
 fn leaf_pids(dir: BorrowedFd<'_>) -> Vec<i32> {
-    let Ok(fd) = openat(dir, "cgroup.procs", OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty()) else {
+    let Ok(fd) = openat(
+        dir,
+        "cgroup.procs",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
         return Vec::new();
     };
     let mut s = String::new();
@@ -125,7 +150,8 @@ fn kill_leaf(leaf: &Leaf) {
         for d in &leaf.dirs {
             for pid in leaf_pids(d.as_fd()) {
                 any = true;
-                let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
         }
         if !any {
@@ -138,7 +164,8 @@ fn kill_leaf(leaf: &Leaf) {
 fn remove_leaf_if_empty(leaf: &Leaf) {
     for (d, p) in leaf.dirs.iter().zip(&leaf.parents) {
         if leaf_pids(d.as_fd()).is_empty() {
-            let _ = nix::unistd::unlinkat(p, leaf.name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir);
+            let _ =
+                nix::unistd::unlinkat(p, leaf.name.as_str(), nix::unistd::UnlinkatFlags::RemoveDir);
         }
     }
 }
@@ -152,13 +179,16 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         .map_err(|_| "the sandbox is not running".to_owned())?;
     let leaf = open_leaf(spec)?;
     let filter = crate::seccomp::default_filter().map_err(|e| format!("seccomp filter: {e}"))?;
-    crate::sys::setns(init.as_fd(), JOIN_NS.bits()).map_err(|e| format!("entering the sandbox's namespaces: {e}"))?;
+    crate::sys::setns(init.as_fd(), JOIN_NS.bits())
+        .map_err(|e| format!("entering the sandbox's namespaces: {e}"))?;
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok());
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
 
-    let (pid, pidfd) = match crate::sys::clone3_fork(0, None).map_err(|e| format!("fork into the sandbox: {e}"))? {
+    let (pid, pidfd) = match crate::sys::clone3_fork(0, None)
+        .map_err(|e| format!("fork into the sandbox: {e}"))?
+    {
         crate::sys::CloneResult::Child => {
             drop(go_w);
             let mut b = [0u8; 1];
@@ -190,8 +220,14 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let ms = left.as_millis().min(i32::MAX as u128) as i32;
-            let mut fds = [nix::poll::PollFd::new(pidfd.as_fd(), nix::poll::PollFlags::POLLIN)];
-            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)) {
+            let mut fds = [nix::poll::PollFd::new(
+                pidfd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            match nix::poll::poll(
+                &mut fds,
+                nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+            ) {
                 Ok(0) => {
                     timed_out = true;
                     kill_leaf(&leaf);

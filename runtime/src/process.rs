@@ -92,7 +92,11 @@ fn parse_group(text: &str) -> Vec<GroupEntry> {
             Some(GroupEntry {
                 name: f[0].to_owned(),
                 gid: f[2].parse().ok()?,
-                members: f[3].split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect(),
+                members: f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
             })
         })
         .collect()
@@ -110,12 +114,9 @@ pub fn resolve_user_in(user: &str, passwd: &str, group: &str) -> Result<Credenti
     let groups = parse_group(group);
     let entry = match u.parse::<u32>() {
         Ok(uid) => users.iter().find(|e| e.uid == uid),
-        Err(_) => Some(
-            users
-                .iter()
-                .find(|e| e.name == u)
-                .ok_or_else(|| format!("unable to find user {u}: no matching entries in passwd file"))?,
-        ),
+        Err(_) => Some(users.iter().find(|e| e.name == u).ok_or_else(|| {
+            format!("unable to find user {u}: no matching entries in passwd file")
+        })?),
     };
     let uid = match (u.parse::<u32>(), entry) {
         (Ok(uid), _) => uid,
@@ -129,7 +130,9 @@ pub fn resolve_user_in(user: &str, passwd: &str, group: &str) -> Result<Credenti
                 .iter()
                 .find(|e| e.name == g)
                 .map(|e| e.gid)
-                .ok_or_else(|| format!("unable to find group {g}: no matching entries in group file"))?,
+                .ok_or_else(|| {
+                    format!("unable to find group {g}: no matching entries in group file")
+                })?,
         },
         _ => entry.map_or(0, |e| e.gid),
     };
@@ -190,20 +193,32 @@ pub fn lookup_path(prog: &str, path: &str) -> Result<PathBuf, (i32, String)> {
         }
     }
     match found_not_exec {
-        Some(p) => Err((126, format!("exec: {:?}: permission denied", p.display().to_string()))),
-        None => Err((127, format!("exec: {prog:?}: executable file not found in $PATH"))),
+        Some(p) => Err((
+            126,
+            format!("exec: {:?}: permission denied", p.display().to_string()),
+        )),
+        None => Err((
+            127,
+            format!("exec: {prog:?}: executable file not found in $PATH"),
+        )),
     }
 }
 
 /// Builds the final environment: `env`, plus `PATH`, `HOME` and `HOSTNAME` when absent.
 pub fn final_env(env: &[String], home: Option<&str>, hostname: Option<&str>) -> Vec<String> {
     let mut out: Vec<String> = env.to_vec();
-    let has = |out: &Vec<String>, k: &str| out.iter().any(|e| e.split_once('=').is_some_and(|(kk, _)| kk == k));
+    let has = |out: &Vec<String>, k: &str| {
+        out.iter()
+            .any(|e| e.split_once('=').is_some_and(|(kk, _)| kk == k))
+    };
     if !has(&out, "PATH") {
         out.push(format!("PATH={DEFAULT_PATH}"));
     }
     if !has(&out, "HOME") {
-        out.push(format!("HOME={}", home.filter(|h| !h.is_empty()).unwrap_or("/")));
+        out.push(format!(
+            "HOME={}",
+            home.filter(|h| !h.is_empty()).unwrap_or("/")
+        ));
     }
     if let Some(h) = hostname {
         if !has(&out, "HOSTNAME") {
@@ -226,17 +241,24 @@ fn set_caps(uid: u32) -> Result<(), String> {
             let _ = caps::drop(None, CapSet::Bounding, cap);
         }
     }
-    caps::clear(None, CapSet::Ambient).map_err(|e| format!("clearing ambient capabilities: {e}"))?;
-    caps::clear(None, CapSet::Inheritable).map_err(|e| format!("clearing inheritable capabilities: {e}"))?;
+    caps::clear(None, CapSet::Ambient)
+        .map_err(|e| format!("clearing ambient capabilities: {e}"))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| format!("clearing inheritable capabilities: {e}"))?;
     let target = if uid == 0 { keep } else { HashSet::new() };
-    caps::set(None, CapSet::Effective, &target).map_err(|e| format!("setting effective capabilities: {e}"))?;
-    caps::set(None, CapSet::Permitted, &target).map_err(|e| format!("setting permitted capabilities: {e}"))?;
+    caps::set(None, CapSet::Effective, &target)
+        .map_err(|e| format!("setting effective capabilities: {e}"))?;
+    caps::set(None, CapSet::Permitted, &target)
+        .map_err(|e| format!("setting permitted capabilities: {e}"))?;
     Ok(())
 }
 
 fn to_cstrings(v: &[String]) -> Result<Vec<CString>, String> {
     v.iter()
-        .map(|s| CString::new(s.as_bytes()).map_err(|_| format!("argument or variable {s:?} contains a NUL byte")))
+        .map(|s| {
+            CString::new(s.as_bytes())
+                .map_err(|_| format!("argument or variable {s:?} contains a NUL byte"))
+        })
         .collect()
 }
 
@@ -245,7 +267,11 @@ fn to_cstrings(v: &[String]) -> Result<Vec<CString>, String> {
 /// stdio must already be in place on fds 0-2. Failures before `execve` are written to stderr as one line
 /// starting with `sandboxd:` and end the process with a shell-like status (127: command not found,
 /// 126: could not be run).
-pub fn exec_user_process(spec: &ProcessSpec, hostname: Option<&str>, filter: Option<&seccompiler::BpfProgram>) -> ! {
+pub fn exec_user_process(
+    spec: &ProcessSpec,
+    hostname: Option<&str>,
+    filter: Option<&seccompiler::BpfProgram>,
+) -> ! {
     crate::sys::reset_signals();
     let _ = nix::unistd::setsid();
     let creds = resolve_user(&spec.user).unwrap_or_else(|e| fail(126, &e));
@@ -259,9 +285,15 @@ pub fn exec_user_process(spec: &ProcessSpec, hostname: Option<&str>, filter: Opt
         .to_owned();
 
     let (soft, hard) = NOFILE_LIMITS;
-    if let Ok((_, cur_hard)) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+    if let Ok((_, cur_hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
         let hard = hard.min(cur_hard);
-        let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, soft.min(hard), hard);
+        let _ = nix::sys::resource::setrlimit(
+            nix::sys::resource::Resource::RLIMIT_NOFILE,
+            soft.min(hard),
+            hard,
+        );
     }
 
     let gids: Vec<Gid> = creds.groups.iter().map(|g| Gid::from_raw(*g)).collect();
@@ -286,14 +318,21 @@ pub fn exec_user_process(spec: &ProcessSpec, hostname: Option<&str>, filter: Opt
         }
     }
 
-    let cwd = if spec.cwd.is_empty() { "/" } else { spec.cwd.as_str() };
+    let cwd = if spec.cwd.is_empty() {
+        "/"
+    } else {
+        spec.cwd.as_str()
+    };
     if let Err(e) = nix::unistd::chdir(cwd) {
         fail(126, &format!("chdir to {cwd:?}: {e}"));
     }
     // CVE-2024-21626: the cwd must be reachable from the sandbox's root.
     match std::env::current_dir() {
         Ok(p) if p.is_absolute() && !p.to_string_lossy().starts_with("(unreachable)") => {}
-        _ => fail(126, &format!("working directory {cwd:?} is outside the sandbox")),
+        _ => fail(
+            126,
+            &format!("working directory {cwd:?} is outside the sandbox"),
+        ),
     }
 
     if let Err(e) = nix::sys::prctl::set_no_new_privs() {
@@ -306,7 +345,8 @@ pub fn exec_user_process(spec: &ProcessSpec, hostname: Option<&str>, filter: Opt
         Ok(p) => p,
         Err((code, msg)) => fail(code, &msg),
     };
-    let cprog = CString::new(prog.as_os_str().as_encoded_bytes()).unwrap_or_else(|_| fail(126, "NUL in path"));
+    let cprog = CString::new(prog.as_os_str().as_encoded_bytes())
+        .unwrap_or_else(|_| fail(126, "NUL in path"));
     if let Some(f) = filter {
         if let Err(e) = crate::seccomp::install(f) {
             fail(126, &format!("seccomp: {e}"));
@@ -314,8 +354,13 @@ pub fn exec_user_process(spec: &ProcessSpec, hostname: Option<&str>, filter: Opt
     }
     let err = nix::unistd::execve(&cprog, &argv, &envp).unwrap_err();
     match err {
-        nix::errno::Errno::ENOENT => fail(127, &format!("exec: {:?}: no such file or directory", spec.args[0])),
-        nix::errno::Errno::EACCES => fail(126, &format!("exec: {:?}: permission denied", spec.args[0])),
+        nix::errno::Errno::ENOENT => fail(
+            127,
+            &format!("exec: {:?}: no such file or directory", spec.args[0]),
+        ),
+        nix::errno::Errno::EACCES => {
+            fail(126, &format!("exec: {:?}: permission denied", spec.args[0]))
+        }
         e => fail(126, &format!("exec: {:?}: {e}", spec.args[0])),
     }
 }
@@ -332,20 +377,28 @@ mod tests {
         let c = resolve_user_in("", PASSWD, GROUP).unwrap();
         assert_eq!((c.uid, c.gid), (0, 0));
         let c = resolve_user_in("app", PASSWD, GROUP).unwrap();
-        assert_eq!((c.uid, c.gid, c.home.as_deref()), (1000, 1000, Some("/home/app")));
+        assert_eq!(
+            (c.uid, c.gid, c.home.as_deref()),
+            (1000, 1000, Some("/home/app"))
+        );
         assert!(c.groups.contains(&10));
         let c = resolve_user_in("1234:55", PASSWD, GROUP).unwrap();
         assert_eq!((c.uid, c.gid), (1234, 55));
         let c = resolve_user_in("app:wheel", PASSWD, GROUP).unwrap();
         assert_eq!((c.uid, c.gid), (1000, 10));
-        assert!(resolve_user_in("ghost", PASSWD, GROUP).unwrap_err().contains("unable to find user ghost"));
+        assert!(resolve_user_in("ghost", PASSWD, GROUP)
+            .unwrap_err()
+            .contains("unable to find user ghost"));
         assert!(resolve_user_in("app:ghosts", PASSWD, GROUP).is_err());
         assert!(resolve_user_in("70000", PASSWD, GROUP).is_err());
     }
 
     #[test]
     fn path_lookup() {
-        assert_eq!(lookup_path("sh", "/nonexistent:/bin").unwrap(), PathBuf::from("/bin/sh"));
+        assert_eq!(
+            lookup_path("sh", "/nonexistent:/bin").unwrap(),
+            PathBuf::from("/bin/sh")
+        );
         assert_eq!(lookup_path("/x/y", "").unwrap(), PathBuf::from("/x/y"));
         assert_eq!(lookup_path("no-such-cmd-xyz", "/bin").unwrap_err().0, 127);
     }

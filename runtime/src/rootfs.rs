@@ -27,7 +27,10 @@ pub struct RootfsError {
     source: std::io::Error,
 }
 
-fn err(step: &'static str, path: impl AsRef<Path>) -> impl FnOnce(nix::errno::Errno) -> RootfsError {
+fn err(
+    step: &'static str,
+    path: impl AsRef<Path>,
+) -> impl FnOnce(nix::errno::Errno) -> RootfsError {
     let path = path.as_ref().display().to_string();
     move |e| RootfsError {
         step,
@@ -58,7 +61,13 @@ pub const MASKED_PATHS: &[&str] = &[
 ];
 
 /// Paths made read-only inside the sandbox.
-pub const READONLY_PATHS: &[&str] = &["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"];
+pub const READONLY_PATHS: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
@@ -66,7 +75,13 @@ fn mkdir_p(p: &Path) -> Result<(), RootfsError> {
     std::fs::create_dir_all(p).map_err(ioerr("mkdir", p))
 }
 
-fn mnt(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), RootfsError> {
+fn mnt(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), RootfsError> {
     mount(Some(src), target, Some(fstype), flags, data).map_err(err("mount", target))
 }
 
@@ -104,8 +119,14 @@ fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
 
 /// Step 2: makes the current directory (the rootfs mount) the root; the cwd becomes `/`.
 pub fn pivot_cwd() -> Result<(), RootfsError> {
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(err("make private", "/"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(err("make private", "/"))?;
     match std::fs::create_dir(OLD_ROOT) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -152,7 +173,13 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
         Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
     )?;
     mkdir_p(Path::new("/dev/shm"))?;
-    mnt("shm", "/dev/shm", "tmpfs", nosuid_nodev_noexec, Some("mode=1777,size=65536k"))?;
+    mnt(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        nosuid_nodev_noexec,
+        Some("mode=1777,size=65536k"),
+    )?;
     mkdir_p(Path::new("/dev/mqueue"))?;
     mnt("mqueue", "/dev/mqueue", "mqueue", nosuid_nodev_noexec, None)?;
     for (link, target) in [
@@ -165,7 +192,13 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
     ] {
         symlink(target, link).map_err(ioerr("symlink", link))?;
     }
-    mnt("sysfs", "/sys", "sysfs", nosuid_nodev_noexec | MsFlags::MS_RDONLY, None)?;
+    mnt(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
+        None,
+    )?;
 
     for p in MASKED_PATHS {
         mask(Path::new(p))?;
@@ -180,7 +213,14 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
         if !target.exists() {
             std::fs::File::create(&target).map_err(ioerr("create", &target))?;
         }
-        mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err("bind", &target))?;
+        mount(
+            Some(&src),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("bind", &target))?;
     }
     let tmp = Path::new("/tmp");
     if let Ok(m) = std::fs::metadata(tmp) {
@@ -207,7 +247,14 @@ fn mask(p: &Path) -> Result<(), RootfsError> {
         )
         .map_err(err("mask", p))
     } else {
-        mount(Some("/dev/null"), p, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(err("mask", p))
+        mount(
+            Some("/dev/null"),
+            p,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(err("mask", p))
     }
 }
 
@@ -215,7 +262,14 @@ fn readonly(p: &Path) -> Result<(), RootfsError> {
     if std::fs::symlink_metadata(p).is_err() {
         return Ok(());
     }
-    mount(Some(p), p, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(err("bind", p))?;
+    mount(
+        Some(p),
+        p,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(err("bind", p))?;
     let flags = MsFlags::MS_BIND
         | MsFlags::MS_REMOUNT
         | MsFlags::MS_RDONLY

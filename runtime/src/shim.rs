@@ -10,7 +10,7 @@
 //!    mounts the overlay (layers read-only, the sandbox's own upper) — then lets the init go on;
 //! 4. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
 //! 5. reaps the init, reads the main process's status from it, checks the memory cgroup for an OOM kill,
-//!    writes `exit.json` durably, removes the cgroup and exits. The daemon learns of the exit through a
+//!    writes `exit.json` durably and exits (the daemon then records the exit and removes the cgroup). The daemon learns of the exit through a
 //!    pidfd on the supervisor — also after the daemon itself was restarted.
 //!
 //! The init (pid 1 inside) unshares the mount and cgroup namespaces, pivots into the rootfs, mounts
@@ -20,7 +20,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,11 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
-use crate::spec::{read_json, write_json_atomic, ExitRecord, ProcRecord, SandboxSpec, StartReport, ID_RANGE};
+use crate::cgroups::SandboxCgroup;
+use crate::spec::{
+    read_json, write_json_atomic, write_json_replace, ExitRecord, ProcRecord, SandboxSpec,
+    StartReport, ID_RANGE,
+};
 
 /// Errors of the supervisor.
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +65,19 @@ pub enum ShimError {
 
 fn step<E: Into<std::io::Error>>(what: impl Into<String>) -> impl FnOnce(E) -> ShimError {
     let step = what.into();
-    move |e| ShimError::Step { step, source: e.into() }
+    move |e| ShimError::Step {
+        step,
+        source: e.into(),
+    }
 }
 
 /// Environment variable that carries the state directory to `sandboxd shim`.
 pub const STATE_DIR_ENV: &str = "SANDBOXD_SHIM_STATE_DIR";
+
+/// Environment variable that carries a pooled supervisor's pre-created cgroup (JSON of [`SandboxCgroup`]):
+/// the init joins it while the supervisor waits for a sandbox, so that a creation does not wait for the
+/// kernel's cgroup-migration grace period.
+pub const POOL_CGROUP_ENV: &str = "SANDBOXD_SHIM_POOL_CGROUP";
 
 /// Namespaces the init is cloned into; the cgroup namespace is unshared by the init itself once the
 /// supervisor has put it into its cgroup.
@@ -87,33 +100,138 @@ fn pipe() -> Result<Pipe, ShimError> {
     Ok(Pipe { read, write })
 }
 
-/// Entry point of `sandboxd shim` (state directory in [`STATE_DIR_ENV`]). Returns the process exit code.
-pub fn main(state_dir: &Path) -> i32 {
+/// Entry point of `sandboxd shim`. With `state_dir` (from [`STATE_DIR_ENV`]) it serves that sandbox at
+/// once; without it, it is a *pooled* supervisor: it prepares everything that does not depend on the
+/// sandbox (private mount namespace, seccomp filter, the init cloned into fresh namespaces), then waits for
+/// one line on stdin naming the state directory to serve. EOF instead (the daemon went away) ends it
+/// cleanly, init and all. Returns the process exit code.
+pub fn main(state_dir: Option<PathBuf>, pool_cgroup: Option<SandboxCgroup>) -> i32 {
     let _ = nix::unistd::setsid();
+    let pooled = state_dir.is_none();
+    let pre = match Prepared::new(pool_cgroup) {
+        Ok(p) => p,
+        Err(e) => return report_and_exit(&e.to_string()),
+    };
+    let state_dir = match state_dir {
+        Some(d) => d,
+        None => {
+            let mut line = String::new();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(n) if n > 0 && line.trim_end().starts_with('/') => {
+                    PathBuf::from(line.trim_end())
+                }
+                _ => {
+                    pre.abandon();
+                    return 0;
+                }
+            }
+        }
+    };
+    if pooled {
+        if let Ok(log) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("shim.log"))
+        {
+            let _ = nix::unistd::dup2_stderr(log.as_fd());
+        }
+    }
     let spec: SandboxSpec = match read_json(&state_dir.join("spec.json")) {
         Ok(Some(s)) => s,
-        Ok(None) => return report_and_exit(&format!("no spec.json in {}", state_dir.display())),
+        Ok(None) => {
+            pre.abandon();
+            return report_and_exit(&format!("no spec.json in {}", state_dir.display()));
+        }
         Err(e) => {
+            pre.abandon();
             return report_and_exit(
                 &ShimError::Spec {
                     dir: state_dir.display().to_string(),
                     source: e,
                 }
                 .to_string(),
-            )
+            );
         }
     };
     let me = std::process::id() as i32;
     if let Ok(t) = crate::sys::process_start_time(me) {
-        let _ = write_json_atomic(&state_dir.join("shim.json"), &ProcRecord { pid: me, start_time: t });
+        let _ = write_json_replace(
+            &state_dir.join("shim.json"),
+            &ProcRecord {
+                pid: me,
+                start_time: t,
+            },
+        );
     }
-    match start(&spec) {
+    match start(&spec, pre) {
         Ok(init) => {
             send_report(&StartReport::Started { init: init.record });
             detach_stdout();
             supervise(&spec, init)
         }
         Err(e) => report_and_exit(&e.to_string()),
+    }
+}
+
+/// The sandbox-independent half of creation: done ahead of time by pooled supervisors.
+struct Prepared {
+    pid: Pid,
+    go: OwnedFd,
+    ready: OwnedFd,
+    status: OwnedFd,
+    /// The cgroup the init already joined (pooled supervisors).
+    cgroup: Option<SandboxCgroup>,
+}
+
+impl Prepared {
+    fn new(cgroup: Option<SandboxCgroup>) -> Result<Self, ShimError> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(step("making / private"))?;
+        let filter = crate::seccomp::default_filter()
+            .map_err(|e| ShimError::Init(format!("seccomp filter: {e}")))?;
+        let go = pipe()?;
+        let ready = pipe()?;
+        let status = pipe()?;
+        match crate::sys::clone3_fork(CLONE_NS.bits() as u64, None).map_err(step("clone3"))? {
+            crate::sys::CloneResult::Child => {
+                drop(go.write);
+                drop(ready.read);
+                drop(status.read);
+                init_main(go.read, ready.write, status.write, &filter)
+            }
+            crate::sys::CloneResult::Parent { pid, .. } => {
+                let me = Self {
+                    pid: Pid::from_raw(pid),
+                    go: go.write,
+                    ready: ready.read,
+                    status: status.read,
+                    cgroup,
+                };
+                if let Some(cg) = &me.cgroup {
+                    if let Err(e) = cg.add_process(pid as u32) {
+                        let msg = format!("joining the pooled cgroup: {e}");
+                        me.abandon();
+                        return Err(ShimError::Init(msg));
+                    }
+                }
+                Ok(me)
+            }
+        }
+    }
+
+    /// Ends the waiting init (it exits when its go pipe closes) and reaps it.
+    fn abandon(self) {
+        let pid = self.pid;
+        drop(self.go);
+        let _ = kill(pid, Signal::SIGKILL);
+        let _ = waitpid(pid, None);
     }
 }
 
@@ -125,7 +243,8 @@ fn report_and_exit(message: &str) -> i32 {
 }
 
 fn send_report(r: &StartReport) {
-    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"failed\":{\"message\":\"encoding\"}}".to_vec());
+    let mut line = serde_json::to_vec(r)
+        .unwrap_or_else(|_| b"{\"failed\":{\"message\":\"encoding\"}}".to_vec());
     line.push(b'\n');
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(&line);
@@ -151,8 +270,11 @@ fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
         h = spec.hostname
     );
     std::fs::write(spec.state_dir.join("hosts"), hosts).map_err(step("writing hosts"))?;
-    std::fs::write(spec.state_dir.join("hostname"), format!("{}\n", spec.hostname))
-        .map_err(step("writing hostname"))?;
+    std::fs::write(
+        spec.state_dir.join("hostname"),
+        format!("{}\n", spec.hostname),
+    )
+    .map_err(step("writing hostname"))?;
     Ok(())
 }
 
@@ -166,98 +288,96 @@ fn open_log(path: &Path) -> Result<File, ShimError> {
         .map_err(step(format!("opening {}", path.display())))
 }
 
-fn start(spec: &SandboxSpec) -> Result<Init, ShimError> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(step("making / private"))?;
-    write_support_files(spec)?;
-    let stdout = open_log(&spec.state_dir.join("stdout.log"))?;
-    let stderr = open_log(&spec.state_dir.join("stderr.log"))?;
-    let upper = spec.state_dir.join("upper");
-    let work = spec.state_dir.join("work");
-    let rootfs = spec.state_dir.join("rootfs");
-    for d in [&upper, &work, &rootfs] {
-        std::fs::create_dir_all(d).map_err(step(format!("mkdir {}", d.display())))?;
-    }
-    let owner = Some(Uid::from_raw(spec.host_uid));
-    let group = Some(Gid::from_raw(spec.host_uid));
-    nix::unistd::chown(&upper, owner, group).map_err(step("chown upper"))?;
-    nix::unistd::chown(&work, owner, group).map_err(step("chown work"))?;
-    let _ = std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755));
-
-    let filter = crate::seccomp::default_filter().map_err(|e| ShimError::Init(format!("seccomp filter: {e}")))?;
-    let go = pipe()?;
-    let ready = pipe()?;
-    let status = pipe()?;
-
-    let child = crate::sys::clone3_fork(CLONE_NS.bits() as u64, None).map_err(step("clone3"))?;
-    let (pid, _pidfd) = match child {
-        crate::sys::CloneResult::Child => {
-            drop(go.write);
-            drop(ready.read);
-            drop(status.read);
-            init_main(spec, go.read, ready.write, status.write, stdout, stderr, &filter)
-        }
-        crate::sys::CloneResult::Parent { pid, pidfd } => (Pid::from_raw(pid), pidfd),
-    };
-    drop(go.read);
-    drop(ready.write);
-    drop(status.write);
-    drop(stdout);
-    drop(stderr);
-
-    let setup = prepare_child(spec, pid, &rootfs, &upper, &work);
-    if let Err(e) = setup {
+fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
+    let pid = pre.pid;
+    let fail = |e: ShimError| {
         let _ = kill(pid, Signal::SIGKILL);
         let _ = waitpid(pid, None);
-        return Err(e);
-    }
-    let mut go_w = File::from(go.write);
-    go_w.write_all(b"G").map_err(step("releasing init"))?;
+        e
+    };
+    let prepared = (|| {
+        write_support_files(spec)?;
+        drop(open_log(&spec.state_dir.join("stdout.log"))?);
+        drop(open_log(&spec.state_dir.join("stderr.log"))?);
+        let upper = spec.state_dir.join("upper");
+        let work = spec.state_dir.join("work");
+        let rootfs = spec.state_dir.join("rootfs");
+        for d in [&upper, &work, &rootfs] {
+            std::fs::create_dir_all(d).map_err(step(format!("mkdir {}", d.display())))?;
+        }
+        let owner = Some(Uid::from_raw(spec.host_uid));
+        let group = Some(Gid::from_raw(spec.host_uid));
+        nix::unistd::chown(&upper, owner, group).map_err(step("chown upper"))?;
+        nix::unistd::chown(&work, owner, group).map_err(step("chown work"))?;
+        let _ = std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(0o755));
+        let attached = pre.cgroup.as_ref() == Some(&spec.cgroup);
+        prepare_child(spec, pid, attached, &rootfs, &upper, &work)
+    })();
+    prepared.map_err(fail)?;
+
+    // The go message is the state directory: the init reads its spec and opens its logs from there.
+    let mut go_w = File::from(pre.go);
+    go_w.write_all(spec.state_dir.as_os_str().as_encoded_bytes())
+        .map_err(step("releasing init"))
+        .map_err(fail)?;
     drop(go_w);
 
     let mut msg = String::new();
-    let _ = File::from(ready.read).read_to_string(&mut msg);
+    let _ = File::from(pre.ready).read_to_string(&mut msg);
     if msg != "OK" {
-        let _ = kill(pid, Signal::SIGKILL);
-        let _ = waitpid(pid, None);
         let msg = msg.strip_prefix("ERR ").unwrap_or(&msg);
-        return Err(ShimError::Init(if msg.is_empty() {
+        return Err(fail(ShimError::Init(if msg.is_empty() {
             "the sandbox init died during setup".to_owned()
         } else {
             msg.to_owned()
-        }));
+        })));
     }
-    let start_time = crate::sys::process_start_time(pid.as_raw()).map_err(step("reading the init's start time"))?;
+    let start_time = crate::sys::process_start_time(pid.as_raw())
+        .map_err(step("reading the init's start time"))?;
     let record = ProcRecord {
         pid: pid.as_raw(),
         start_time,
     };
-    write_json_atomic(&spec.state_dir.join("init.json"), &record).map_err(step("writing init.json"))?;
+    write_json_replace(&spec.state_dir.join("init.json"), &record)
+        .map_err(step("writing init.json"))?;
     Ok(Init {
         record,
         pid,
-        status_read: status.read,
+        status_read: pre.status,
     })
 }
 
 /// The supervisor's half of setup, while the init waits: id maps, cgroup, idmapped layers, overlay.
-fn prepare_child(spec: &SandboxSpec, pid: Pid, rootfs: &Path, upper: &Path, work: &Path) -> Result<(), ShimError> {
+fn prepare_child(
+    spec: &SandboxSpec,
+    pid: Pid,
+    attached: bool,
+    rootfs: &Path,
+    upper: &Path,
+    work: &Path,
+) -> Result<(), ShimError> {
     let map = format!("0 {} {}\n", spec.host_uid, ID_RANGE);
     std::fs::write(format!("/proc/{pid}/uid_map"), &map).map_err(step("writing uid_map"))?;
     std::fs::write(format!("/proc/{pid}/gid_map"), &map).map_err(step("writing gid_map"))?;
-    spec.cgroup
-        .add_process(pid.as_raw() as u32)
-        .map_err(|e| ShimError::Init(format!("joining the sandbox cgroup: {e}")))?;
+    if !attached {
+        spec.cgroup
+            .add_process(pid.as_raw() as u32)
+            .map_err(|e| ShimError::Init(format!("joining the sandbox cgroup: {e}")))?;
+    }
 
-    let userns = File::open(format!("/proc/{pid}/ns/user")).map_err(step("opening the init's user namespace"))?;
+    let userns = File::open(format!("/proc/{pid}/ns/user"))
+        .map_err(step("opening the init's user namespace"))?;
     // The overlay is mounted from inside the init's own mount namespace: a mount made there is not
     // "locked" (as one copied from a more privileged namespace would be), so the init can pivot into it.
-    let own_mnt = File::open("/proc/self/ns/mnt").map_err(step("opening the supervisor's mount namespace"))?;
-    let init_mnt = File::open(format!("/proc/{pid}/ns/mnt")).map_err(step("opening the init's mount namespace"))?;
-    crate::sys::setns(init_mnt.as_fd(), libc::CLONE_NEWNS).map_err(step("entering the init's mount namespace"))?;
+    let own_mnt = File::open("/proc/self/ns/mnt")
+        .map_err(step("opening the supervisor's mount namespace"))?;
+    let init_mnt = File::open(format!("/proc/{pid}/ns/mnt"))
+        .map_err(step("opening the init's mount namespace"))?;
+    crate::sys::setns(init_mnt.as_fd(), libc::CLONE_NEWNS)
+        .map_err(step("entering the init's mount namespace"))?;
     let mounted = mount_rootfs(spec, userns.as_fd(), rootfs, upper, work);
-    crate::sys::setns(own_mnt.as_fd(), libc::CLONE_NEWNS).map_err(step("returning to the supervisor's mount namespace"))?;
+    crate::sys::setns(own_mnt.as_fd(), libc::CLONE_NEWNS)
+        .map_err(step("returning to the supervisor's mount namespace"))?;
     mounted
 }
 
@@ -288,13 +408,21 @@ fn mount_rootfs(
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(":");
+    // `volatile`: the upper layer is never mounted again after a host crash, so unmounting it need not
+    // sync the whole upper filesystem (which would otherwise sit on every sandbox's exit path).
     let opts = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
+        "lowerdir={lowerdir},upperdir={},workdir={},volatile",
         upper.display(),
         work.display()
     );
-    mount(Some("overlay"), rootfs, Some("overlay"), MsFlags::empty(), Some(opts.as_str()))
-        .map_err(step("mounting the overlay rootfs"))?;
+    mount(
+        Some("overlay"),
+        rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(step("mounting the overlay rootfs"))?;
     for l in &lowers {
         // The overlay holds its own references to the layers; the idmapped mounts are no longer needed.
         let _ = umount2(l, MntFlags::MNT_DETACH);
@@ -306,22 +434,31 @@ fn write_fd(fd: &OwnedFd, data: &[u8]) {
     let _ = nix::unistd::write(fd, data);
 }
 
+fn open_for_append(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .append(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
 /// The init, from clone to forever. Never returns.
-fn init_main(
-    spec: &SandboxSpec,
-    go: OwnedFd,
-    ready: OwnedFd,
-    status: OwnedFd,
-    stdout: File,
-    stderr: File,
-    filter: &seccompiler::BpfProgram,
-) -> ! {
-    let mut b = [0u8; 1];
-    if !matches!(nix::unistd::read(&go, &mut b), Ok(1)) {
+fn init_main(go: OwnedFd, ready: OwnedFd, status: OwnedFd, filter: &seccompiler::BpfProgram) -> ! {
+    // Wait for the supervisor: the message is the state directory (EOF without one: abandoned).
+    let mut dir = Vec::new();
+    if File::from(go).read_to_end(&mut dir).is_err() || dir.is_empty() {
         crate::sys::exit_now(1);
     }
-    drop(go);
-    let main_pid = match init_setup(spec, stdout, stderr, filter) {
+    let state_dir = PathBuf::from(std::ffi::OsString::from_vec(dir));
+    let setup = (|| {
+        let spec: SandboxSpec = read_json(&state_dir.join("spec.json"))
+            .map_err(|e| format!("reading the spec: {e}"))?
+            .ok_or_else(|| "no spec.json".to_owned())?;
+        let stdout = open_for_append(&state_dir.join("stdout.log"))?;
+        let stderr = open_for_append(&state_dir.join("stderr.log"))?;
+        init_setup(&spec, stdout, stderr, filter, &ready)
+    })();
+    let main_pid = match setup {
         Ok(p) => p,
         Err(msg) => {
             write_fd(&ready, format!("ERR {msg}").as_bytes());
@@ -333,7 +470,13 @@ fn init_main(
     init_loop(main_pid, status)
 }
 
-fn init_setup(spec: &SandboxSpec, stdout: File, stderr: File, filter: &seccompiler::BpfProgram) -> Result<Option<Pid>, String> {
+fn init_setup(
+    spec: &SandboxSpec,
+    stdout: File,
+    stderr: File,
+    filter: &seccompiler::BpfProgram,
+    ready: &OwnedFd,
+) -> Result<Option<Pid>, String> {
     // Host paths are looked up now, while this process still has the host's root uid (which owns the state
     // directory, whatever its parents' modes): afterwards it is the sandbox's unprivileged uid.
     let rootfs = spec.state_dir.join("rootfs");
@@ -341,10 +484,13 @@ fn init_setup(spec: &SandboxSpec, stdout: File, stderr: File, filter: &seccompil
     let support = crate::rootfs::SupportFiles::open(&spec.state_dir).map_err(|e| e.to_string())?;
     let root = Uid::from_raw(0);
     let rootg = Gid::from_raw(0);
-    nix::unistd::setresgid(rootg, rootg, rootg).map_err(|e| format!("setgid 0 in the user namespace: {e}"))?;
-    nix::unistd::setresuid(root, root, root).map_err(|e| format!("setuid 0 in the user namespace: {e}"))?;
+    nix::unistd::setresgid(rootg, rootg, rootg)
+        .map_err(|e| format!("setgid 0 in the user namespace: {e}"))?;
+    nix::unistd::setresuid(root, root, root)
+        .map_err(|e| format!("setuid 0 in the user namespace: {e}"))?;
     nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
-    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP).map_err(|e| format!("unshare cgroup namespace: {e}"))?;
+    nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
+        .map_err(|e| format!("unshare cgroup namespace: {e}"))?;
     crate::rootfs::pivot_cwd().map_err(|e| e.to_string())?;
     crate::rootfs::setup_mounts(&support).map_err(|e| e.to_string())?;
     crate::rootfs::drop_old_root().map_err(|e| e.to_string())?;
@@ -367,6 +513,9 @@ fn init_setup(spec: &SandboxSpec, stdout: File, stderr: File, filter: &seccompil
     // consistent copy of the process and may allocate freely.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => {
+            // The supervisor's ready pipe must not wait for this process: it reports its own failures
+            // (exit 126/127 and a line on stderr).
+            crate::sys::close_fd(ready.as_raw_fd());
             let null = OpenOptions::new().read(true).open("/dev/null");
             if let Ok(null) = null {
                 let _ = nix::unistd::dup2_stdin(null.as_fd());
@@ -427,7 +576,9 @@ fn init_loop(main: Option<Pid>, status: OwnedFd) -> ! {
                     }
                 }
             },
-            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP | Signal::SIGQUIT if main.is_none() => {
+            Signal::SIGTERM | Signal::SIGINT | Signal::SIGHUP | Signal::SIGQUIT
+                if main.is_none() =>
+            {
                 // An idle sandbox ends cleanly on a stop request.
                 write_fd(&status, &[0, 0, 0, 0, 0]);
                 crate::sys::exit_now(0);
@@ -478,8 +629,6 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
         let _ = writeln!(std::io::stderr(), "sandboxd shim: writing exit.json: {e}");
         rc = 1;
     }
-    if let Err(e) = spec.cgroup.destroy() {
-        let _ = writeln!(std::io::stderr(), "sandboxd shim: removing the cgroup: {e}");
-    }
+    // The cgroup is removed by the daemon once it has recorded the exit (also after a daemon restart).
     rc
 }

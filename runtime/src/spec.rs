@@ -139,31 +139,49 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `value` as JSON to `path` atomically and durably: temp file, fsync, rename, fsync of the directory.
+/// Writes `value` as JSON to `path` atomically, its content durable: temp file, fsync, rename. (The
+/// directory is not synced: after a power loss the record may be missing, never torn.)
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    let dir = path
-        .parent()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let dir = path.parent().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent")
+    })?;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&data)?;
-        f.sync_all()?;
+        f.sync_data()?;
     }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::rename(&tmp, path)
+}
+
+/// Writes `value` as JSON to `path` atomically (temp file + rename) without forcing it to disk: enough for
+/// records that only matter while the machine is up (a process crash never leaves a torn file).
+pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let dir = path.parent().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent")
+    })?;
+    let name = path.file_name().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
+    })?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.
 pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
     match std::fs::read(path) {
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Ok(data) => serde_json::from_slice(&data).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }

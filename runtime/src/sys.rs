@@ -209,14 +209,52 @@ pub fn loopback_up() -> io::Result<()> {
         *dst = *src as libc::c_char;
     }
     // SAFETY: SIOCGIFFLAGS reads the name from and writes the flags into `req`, which outlives the call.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, std::ptr::addr_of_mut!(req)) };
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCGIFFLAGS,
+            std::ptr::addr_of_mut!(req),
+        )
+    };
     cvt(ret.into())?;
     // SAFETY: after SIOCGIFFLAGS the flags member of the union is the initialised one.
     let flags = unsafe { req.ifr_ifru.ifru_flags };
     req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
     // SAFETY: SIOCSIFFLAGS reads `req`, which is fully initialised.
-    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, std::ptr::addr_of!(req)) };
+    let ret = unsafe {
+        libc::ioctl(
+            sock.as_raw_fd(),
+            libc::SIOCSIFFLAGS,
+            std::ptr::addr_of!(req),
+        )
+    };
     cvt(ret.into()).map(drop)
+}
+
+/// Makes descriptor `fd` available as `target` across exec (dup2, or clearing close-on-exec when it already
+/// is `target`). For a forked child between fork and exec: only async-signal-safe calls.
+pub fn place_fd(fd: RawFd, target: RawFd) -> io::Result<()> {
+    if fd == target {
+        // SAFETY: F_GETFD on a descriptor number has no memory effects.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: F_SETFD only changes the descriptor's flags.
+        let ret = unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) };
+        return cvt(ret.into()).map(drop);
+    }
+    // SAFETY: dup2 onto a descriptor number the caller reserved for this purpose.
+    let ret = unsafe { libc::dup2(fd, target) };
+    cvt(ret.into()).map(drop)
+}
+
+/// Closes a descriptor number in a forked child that will exec or exit without returning, where the
+/// `OwnedFd` holding it is never dropped.
+pub fn close_fd(fd: RawFd) {
+    // SAFETY: the caller is a forked child that never returns to the code owning `fd`, so no double close
+    // or use after close can follow.
+    let _ = unsafe { libc::close(fd) };
 }
 
 /// `_exit(code)`: ends a forked child without running atexit handlers or flushing stdio buffers it shares
@@ -246,9 +284,15 @@ pub fn reset_signals() {
 pub fn install_noop_handler(sig: nix::sys::signal::Signal) -> io::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
     extern "C" fn noop(_: libc::c_int) {}
-    let act = SigAction::new(SigHandler::Handler(noop), SaFlags::SA_RESTART, SigSet::empty());
+    let act = SigAction::new(
+        SigHandler::Handler(noop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     // SAFETY: the handler does nothing, so it is async-signal-safe.
-    unsafe { sigaction(sig, &act) }.map(drop).map_err(io::Error::from)
+    unsafe { sigaction(sig, &act) }
+        .map(drop)
+        .map_err(io::Error::from)
 }
 
 /// The start time (field 22 of `/proc/<pid>/stat`, in clock ticks since boot) of a process: together with
@@ -273,7 +317,9 @@ pub fn pidfd_open_checked(pid: i32, start_time: u64) -> io::Result<OwnedFd> {
     match process_start_time(pid) {
         Ok(t) if t == start_time => Ok(fd),
         Ok(_) => Err(io::Error::from_raw_os_error(libc::ESRCH)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(io::Error::from_raw_os_error(libc::ESRCH)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Err(io::Error::from_raw_os_error(libc::ESRCH))
+        }
         Err(e) => Err(e),
     }
 }

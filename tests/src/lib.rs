@@ -106,7 +106,10 @@ pub fn busybox_image() -> &'static Path {
                 }
             }
         }
-        panic!("could not put the busybox layout in place at {}", dest.display());
+        panic!(
+            "could not put the busybox layout in place at {}",
+            dest.display()
+        );
     })
 }
 
@@ -150,7 +153,12 @@ pub fn cgroup_parent_dirs(parent: &str) -> BTreeMap<PathBuf, PathBuf> {
         .filter_map(|l| {
             let mut it = l.splitn(3, ':');
             let id = it.next()?.to_owned();
-            let ctls = it.next()?.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect();
+            let ctls = it
+                .next()?
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
             Some((id, ctls, it.next()?.to_owned()))
         })
         .collect();
@@ -175,13 +183,48 @@ pub fn cgroup_parent_dirs(parent: &str) -> BTreeMap<PathBuf, PathBuf> {
     out
 }
 
-/// Host pids of processes whose environment names `state_dir` as a supervisor's state directory
-/// (`SANDBOXD_SHIM_STATE_DIR=<state_dir>/...`) and whose command line is `sandboxd shim`.
-pub fn shim_processes(state_dir: &Path) -> Vec<i32> {
+/// Host pids of `sandboxd shim` processes (supervisors) of the daemon using `state_dir` and
+/// `cgroup_parent`: a supervisor started for a sandbox has `SANDBOXD_SHIM_STATE_DIR=<state_dir>/...` in
+/// its environment; a pooled one (started ahead of any sandbox) has `SANDBOXD_SHIM_POOL_CGROUP=<json>`
+/// naming its cgroup under `cgroup_parent`.
+pub fn shim_processes(state_dir: &Path, cgroup_parent: &str) -> Vec<i32> {
+    shim_environments(state_dir, cgroup_parent)
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Ids of the pooled supervisors' cgroups (from their `SANDBOXD_SHIM_POOL_CGROUP`).
+pub fn pool_cgroup_ids(state_dir: &Path, cgroup_parent: &str) -> Vec<String> {
+    let marker = format!("/{cgroup_parent}/");
+    let mut ids = Vec::new();
+    for (_, env) in shim_environments(state_dir, cgroup_parent) {
+        for var in env {
+            let Some(json) = var.strip_prefix("SANDBOXD_SHIM_POOL_CGROUP=") else {
+                continue;
+            };
+            for (i, _) in json.match_indices(&marker) {
+                let rest = &json[i + marker.len()..];
+                let id: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric())
+                    .collect();
+                if !id.is_empty() && !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+    }
+    ids
+}
+
+/// `(pid, environment)` of every supervisor of this daemon (see [`shim_processes`]).
+fn shim_environments(state_dir: &Path, cgroup_parent: &str) -> Vec<(i32, Vec<String>)> {
     let needle = format!("SANDBOXD_SHIM_STATE_DIR={}/", state_dir.display());
-    let mut pids = Vec::new();
+    let pool_marker = format!("/{cgroup_parent}/");
+    let mut out = Vec::new();
     let Ok(rd) = fs::read_dir("/proc") else {
-        return pids;
+        return out;
     };
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -196,14 +239,19 @@ pub fn shim_processes(state_dir: &Path) -> Vec<i32> {
         let Ok(env) = fs::read(e.path().join("environ")) else {
             continue;
         };
-        if env
+        let env: Vec<String> = env
             .split(|b| *b == 0)
-            .any(|v| v.starts_with(needle.as_bytes()))
-        {
-            pids.push(pid);
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        let ours = env.iter().any(|v| {
+            v.starts_with(&needle)
+                || (v.starts_with("SANDBOXD_SHIM_POOL_CGROUP=") && v.contains(&pool_marker))
+        });
+        if ours {
+            out.push((pid, env));
         }
     }
-    pids
+    out
 }
 
 /// Mount points (field 5 of mountinfo) under `dir`.
@@ -216,14 +264,29 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Opens a pidfd on `pid` and blocks until the process has exited.
+/// Safety bound of [`wait_pid_exit`]: a test fails instead of hanging when a process never exits.
+const PID_EXIT_BOUND_MS: i32 = 120_000;
+
+/// Opens a pidfd on `pid` and blocks until the process has exited (panics after a generous bound).
 pub fn wait_pid_exit(pid: i32) {
+    assert!(
+        wait_pid_exit_within(pid, PID_EXIT_BOUND_MS),
+        "process {pid} did not exit within {PID_EXIT_BOUND_MS} ms"
+    );
+}
+
+/// Waits on a pidfd until `pid` has exited; false if it is still running after `bound_ms`.
+pub fn wait_pid_exit_within(pid: i32, bound_ms: i32) -> bool {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no memory is passed.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         let e = std::io::Error::last_os_error();
-        assert_eq!(e.raw_os_error(), Some(libc::ESRCH), "pidfd_open({pid}): {e}");
-        return; // already gone
+        assert_eq!(
+            e.raw_os_error(),
+            Some(libc::ESRCH),
+            "pidfd_open({pid}): {e}"
+        );
+        return true; // already gone
     }
     let fd = fd as i32;
     let mut p = libc::pollfd {
@@ -233,22 +296,31 @@ pub fn wait_pid_exit(pid: i32) {
     };
     loop {
         // SAFETY: `p` is a valid pollfd for the duration of the call and we pass a count of 1.
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        let r = unsafe { libc::poll(&mut p, 1, bound_ms) };
         if r >= 0 {
-            break;
+            // SAFETY: `fd` is the descriptor pidfd_open returned above, owned here and closed once.
+            unsafe { libc::close(fd) };
+            return r > 0;
         }
         let e = std::io::Error::last_os_error();
-        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "poll on pidfd: {e}");
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted,
+            "poll on pidfd: {e}"
+        );
     }
-    // SAFETY: `fd` is the descriptor pidfd_open returned above, owned here and closed once.
-    unsafe { libc::close(fd) };
 }
 
 /// Sends `sig` to `pid`.
 pub fn kill(pid: i32, sig: i32) {
     // SAFETY: kill takes plain integers.
     let r = unsafe { libc::kill(pid, sig) };
-    assert_eq!(r, 0, "kill({pid}, {sig}): {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// One field of `/proc/<pid>/status` (e.g. `Uid`), without the key.
@@ -302,9 +374,14 @@ impl Daemon {
 
     /// The `sandboxd` command line this daemon runs with.
     pub fn command(&self) -> Command {
+        self.command_at(&self.socket)
+    }
+
+    /// This daemon's command line with another socket (same state directory and cgroup parent).
+    pub fn command_at(&self, socket: &Path) -> Command {
         let mut cmd = Command::new(bin("sandboxd"));
         cmd.arg("--socket")
-            .arg(&self.socket)
+            .arg(socket)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--cgroup-parent")
@@ -456,8 +533,16 @@ impl Daemon {
         self.state_dir.join("sandboxes").join(id)
     }
 
-    /// Entries of `<state>/sandboxes`.
+    /// Sandbox directories in `<state>/sandboxes`. Hidden entries (`.removed-<id>`: a removed sandbox's
+    /// directory being deleted in the background) are left out; [`Daemon::all_sandbox_entries`] has them.
     pub fn sandbox_dirs(&self) -> Vec<String> {
+        let mut v = self.all_sandbox_entries();
+        v.retain(|n| !n.starts_with('.'));
+        v
+    }
+
+    /// Every entry of `<state>/sandboxes`, hidden ones included.
+    pub fn all_sandbox_entries(&self) -> Vec<String> {
         match fs::read_dir(self.state_dir.join("sandboxes")) {
             Ok(rd) => {
                 let mut v: Vec<String> = rd
@@ -506,14 +591,62 @@ impl Daemon {
         let mut want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         want.sort();
         assert_eq!(self.sandbox_dirs(), want, "sandbox state directories");
+        // Other cgroups may only be the warm pool's (supervisors started ahead of any sandbox). A refill
+        // creates the cgroup just before starting its supervisor and nothing signals that moment, so an
+        // unknown cgroup gets a bounded re-check (10 s) for its supervisor to show up.
+        for _ in 0..1000 {
+            let pool = self.pool_cgroup_ids();
+            let unknown = self.sandbox_cgroups().into_iter().any(|cg| {
+                let name = cg
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned();
+                !want.contains(&name) && !pool.contains(&name)
+            });
+            if !unknown {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "cgroups of neither {want:?} nor the warm pool: {:?} (pool: {:?})",
+            self.sandbox_cgroups(),
+            self.pool_cgroup_ids()
+        );
+    }
+
+    /// Asserts that nothing of sandbox `id` is left: no state directory, no cgroup, no supervisor.
+    pub fn assert_gone(&self, id: &str) {
+        assert!(
+            !self.sandbox_dirs().iter().any(|d| d == id),
+            "state directory of {id} left"
+        );
         for cg in self.sandbox_cgroups() {
-            let name = cg.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            assert!(
-                want.contains(&name),
-                "unexpected cgroup {} (expected only {want:?})",
+            assert_ne!(
+                cg.file_name().unwrap_or_default().to_string_lossy(),
+                id,
+                "cgroup {} left",
                 cg.display()
             );
         }
+        let var = format!("SANDBOXD_SHIM_STATE_DIR={}", self.sandbox_dir(id).display());
+        for (pid, env) in shim_environments(&self.state_dir, &self.cgroup_parent) {
+            assert!(
+                !env.contains(&var),
+                "supervisor {pid} of {id} still running"
+            );
+        }
+    }
+
+    /// Supervisors of this daemon (for a sandbox, or pooled).
+    pub fn shims(&self) -> Vec<i32> {
+        shim_processes(&self.state_dir, &self.cgroup_parent)
+    }
+
+    /// Ids of the warm pool's cgroups.
+    pub fn pool_cgroup_ids(&self) -> Vec<String> {
+        pool_cgroup_ids(&self.state_dir, &self.cgroup_parent)
     }
 
     fn cleanup(&mut self) -> Vec<String> {
@@ -535,11 +668,16 @@ impl Daemon {
             }
             self.stop_daemon();
         }
-        let left = self.sandbox_dirs();
+        // The daemon has exited: background deletions must have finished too.
+        let left = self.all_sandbox_entries();
         if !left.is_empty() {
             problems.push(format!("sandbox state directories left: {left:?}"));
         }
-        let root = self.state_dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let root = self
+            .state_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         let mounts = mounts_under(&root);
         if !mounts.is_empty() {
             problems.push(format!("mounts left under {}: {mounts:#?}", root.display()));
@@ -552,7 +690,12 @@ impl Daemon {
                 }
             }
         }
-        let shims = shim_processes(&self.state_dir);
+        // Pooled supervisors of a daemon that was SIGKILLed end by themselves when their stdin closes:
+        // give every remaining supervisor a bounded wait (10 s) on its pidfd before calling it a leak.
+        let shims: Vec<i32> = shim_processes(&self.state_dir, &self.cgroup_parent)
+            .into_iter()
+            .filter(|&pid| !wait_pid_exit_within(pid, 10_000))
+            .collect();
         if !shims.is_empty() {
             problems.push(format!("sandbox supervisors still running: pids {shims:?}"));
             for pid in shims {
@@ -574,19 +717,46 @@ impl Daemon {
                 })
                 .unwrap_or_default();
             if !subs.is_empty() {
-                problems.push(format!(
-                    "cgroups left in {}: {subs:?}",
-                    mp.display()
-                ));
+                problems.push(format!("cgroups left in {}: {subs:?}", mp.display()));
                 for s in &subs {
+                    kill_cgroup_tree(s);
                     remove_cgroup_tree(s);
                 }
             }
             if let Err(e) = fs::remove_dir(&dir) {
-                problems.push(format!("removing the test cgroup parent {}: {e}", dir.display()));
+                problems.push(format!(
+                    "removing the test cgroup parent {}: {e}",
+                    dir.display()
+                ));
             }
         }
         problems
+    }
+}
+
+/// SIGKILLs every process in a leaked sandbox cgroup (all of them were started by this test's daemon)
+/// and waits for each to exit.
+fn kill_cgroup_tree(dir: &Path) {
+    let mut pids = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        if let Ok(procs) = fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Ok(rd) = fs::read_dir(&d) {
+            stack.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    for &pid in &pids {
+        // SAFETY: kill takes plain integers; these processes belong to this test's sandboxes.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    for pid in pids {
+        wait_pid_exit(pid);
     }
 }
 

@@ -42,10 +42,11 @@ fn main() {
         Some("shim") => {
             // The state directory comes through the environment, not argv: the sandbox's pid 1 is this
             // process's clone, and its command line is readable inside the sandbox.
-            let dir = std::env::var_os(sandbox_runtime::shim::STATE_DIR_ENV)
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            std::process::exit(sandbox_runtime::shim::main(&dir));
+            let dir = std::env::var_os(sandbox_runtime::shim::STATE_DIR_ENV).map(PathBuf::from);
+            let cgroup = std::env::var(sandbox_runtime::shim::POOL_CGROUP_ENV)
+                .ok()
+                .and_then(|j| serde_json::from_str(&j).ok());
+            std::process::exit(sandbox_runtime::shim::main(dir, cgroup));
         }
         Some("exec-helper") => std::process::exit(sandbox_runtime::exec::main()),
         _ => {}
@@ -65,7 +66,9 @@ fn group_gid(name: &str) -> anyhow::Result<u32> {
         .lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() >= 3 && f[0] == name).then(|| f[2].parse().ok()).flatten()
+            (f.len() >= 3 && f[0] == name)
+                .then(|| f[2].parse().ok())
+                .flatten()
         })
         .with_context(|| format!("no group {name:?} in /etc/group"))
 }
@@ -89,13 +92,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     if !nix::unistd::geteuid().is_root() {
         bail!("sandboxd must run as root (it creates namespaces, cgroups and mounts)");
     }
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let lock_path = cfg.state_dir.join("sandboxd.lock");
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -105,7 +111,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("opening {}", lock_path.display()))?;
     let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| e)
-        .with_context(|| format!("another sandboxd uses {} ({})", cfg.state_dir.display(), lock_path.display()))?;
+        .with_context(|| {
+            format!(
+                "another sandboxd uses {} ({})",
+                cfg.state_dir.display(),
+                lock_path.display()
+            )
+        })?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -120,21 +132,29 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let socket = cfg.socket.clone();
     let manager = sandbox_daemon::manager::Manager::start(cfg).await?;
     if let Some(parent) = socket.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     if socket.exists() {
         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
             bail!("{} is in use by a running daemon", socket.display());
         }
-        std::fs::remove_file(&socket).with_context(|| format!("removing stale {}", socket.display()))?;
+        std::fs::remove_file(&socket)
+            .with_context(|| format!("removing stale {}", socket.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o660))?;
-    nix::unistd::chown(&socket, Some(nix::unistd::Uid::from_raw(0)), Some(nix::unistd::Gid::from_raw(gid.unwrap_or(0))))?;
+    nix::unistd::chown(
+        &socket,
+        Some(nix::unistd::Uid::from_raw(0)),
+        Some(nix::unistd::Gid::from_raw(gid.unwrap_or(0))),
+    )?;
     tracing::info!(socket = %socket.display(), "sandboxd listening");
     let app = sandbox_daemon::api::router(Arc::clone(&manager));
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let int = tokio::signal::ctrl_c();
         tokio::select! {
             _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {},
@@ -142,7 +162,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down; running sandboxes keep running");
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     let _ = std::fs::remove_file(&socket);
+    manager.drain_pool().await;
+    let m = Arc::clone(&manager);
+    let _ = tokio::task::spawn_blocking(move || m.finish_background_work()).await;
     Ok(())
 }

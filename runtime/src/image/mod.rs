@@ -186,8 +186,14 @@ impl ImageStore {
                 remove_any(&entry.path())?;
             }
         }
-        store.sweep()?;
         Ok(store)
+    }
+
+    /// Full garbage collection: drops references to missing records, then records that have no reference
+    /// and are not `in_use` (manifest digests of images that live sandboxes run on), then blobs and layers no
+    /// remaining record uses. The daemon calls it once it knows its sandboxes (at start) and when one goes.
+    pub fn collect_garbage(&self, in_use: &HashSet<String>) -> Result<(), ImageError> {
+        self.sweep(in_use)
     }
 
     fn layers_dir(&self) -> PathBuf {
@@ -391,7 +397,7 @@ impl ImageStore {
 
     /// Full garbage collection (at open): drops references to missing records, records nothing references, and
     /// blobs and layers no record uses.
-    fn sweep(&self) -> Result<(), ImageError> {
+    fn sweep(&self, in_use: &HashSet<String>) -> Result<(), ImageError> {
         let mut index = self.load_refs()?;
         let (records, complete) = self.load_records()?;
         let known: HashSet<&str> = records.iter().map(|r| r.image.digest.as_str()).collect();
@@ -415,7 +421,7 @@ impl ImageStore {
             complete,
         };
         for r in &records {
-            if referenced.contains(r.image.digest.as_str()) {
+            if referenced.contains(r.image.digest.as_str()) || in_use.contains(&r.image.digest) {
                 live.blobs.extend(r.blobs().cloned());
                 live.layers.extend(r.image.layers.iter().cloned());
             } else if let Some(hex) = digest_hex(&r.image.digest) {
@@ -676,21 +682,25 @@ impl ImageStore {
         self.save_record(&record)?;
         self.save_refs(&index)?;
         for old in displaced {
-            self.after_untag(&index, &old);
+            // A sandbox may run on the displaced image: keep it (nameless) for `collect_garbage` to judge.
+            let keep: HashSet<String> = [old.clone()].into_iter().collect();
+            self.after_untag(&index, &old, &keep);
         }
         Ok(record.image)
     }
 
     /// Keeps the record of an image that lost references in step (best effort: the index is authoritative), or
     /// removes the image when it has none left.
-    fn after_untag(&self, index: &RefIndex, digest: &str) {
+    fn after_untag(&self, index: &RefIndex, digest: &str, in_use: &HashSet<String>) {
         let Ok(mut record) = self.load_record(digest) else {
             return;
         };
         let remaining = refs_of(index, digest);
-        if remaining.is_empty() {
+        if remaining.is_empty() && !in_use.contains(digest) {
             self.delete_record(&record);
         } else {
+            // Still named, or nameless but in use by a live sandbox (kept until `collect_garbage` finds it
+            // unused): its content stays.
             record.image.references = remaining;
             if let Err(e) = self.save_record(&record) {
                 tracing::warn!(%digest, error = %e, "cannot update image record");
@@ -774,6 +784,16 @@ impl ImageStore {
     ///
     /// Returns the image as it was, with `references` set to the references this call removed.
     pub fn remove(&self, reference: &str) -> Result<StoredImage, ImageError> {
+        self.remove_keeping(reference, &HashSet::new())
+    }
+
+    /// Like [`ImageStore::remove`], but an image whose manifest digest is in `in_use` keeps its record,
+    /// blobs and layers (nameless, unlisted) even when its last reference goes: sandboxes run on them.
+    pub fn remove_keeping(
+        &self,
+        reference: &str,
+        in_use: &HashSet<String>,
+    ) -> Result<StoredImage, ImageError> {
         let mut index = self.load_refs()?;
         let digest = self.lookup(&index, reference)?;
         let mut record = self.load_record(&digest)?;
@@ -786,7 +806,7 @@ impl ImageStore {
             index.remove(r);
         }
         self.save_refs(&index)?;
-        self.after_untag(&index, &digest);
+        self.after_untag(&index, &digest, in_use);
         record.image.references = removed;
         Ok(record.image)
     }

@@ -999,11 +999,26 @@ fn remove_collects_garbage() {
     assert!(dirs_b.iter().all(|d| d.is_dir()));
     assert_eq!(count(&sd.join("layers/sha256")), 2);
 
-    // A reference moving to another image removes the image it leaves behind.
+    // A reference moving to another image leaves the old one nameless (a sandbox may run on it) until
+    // garbage collection finds it unused; in use, it survives collection.
     store.import(&a, Some("b:1"), &norm).unwrap();
     assert_eq!(store.resolve("b:1").unwrap().digest, ia.digest);
-    assert!(!store.layer_dirs(&ib)[1].exists());
     assert_eq!(store.list().unwrap().len(), 1);
+    assert!(store.layer_dirs(&ib)[1].exists());
+    let in_use: std::collections::HashSet<String> = [ib.digest.clone()].into_iter().collect();
+    store.collect_garbage(&in_use).unwrap();
+    assert!(store.layer_dirs(&ib)[1].exists());
+    store.collect_garbage(&Default::default()).unwrap();
+    assert!(!store.layer_dirs(&ib)[1].exists());
+
+    // An image in use keeps its content when its last name is removed.
+    store.import(&b, Some("b:2"), &norm).unwrap();
+    let in_use: std::collections::HashSet<String> = [ib.digest.clone()].into_iter().collect();
+    store.remove_keeping("b:2", &in_use).unwrap();
+    assert!(matches!(store.resolve("b:2"), Err(ImageError::NotFound(_))));
+    assert!(store.layer_dirs(&ib).iter().all(|d| d.is_dir()));
+    store.collect_garbage(&Default::default()).unwrap();
+    assert!(!store.layer_dirs(&ib)[1].exists());
 
     store.remove("b:1").unwrap();
     assert!(store.list().unwrap().is_empty());
@@ -1042,6 +1057,7 @@ fn open_cleans_leftovers() {
     .unwrap();
 
     let store = ImageStore::open(&sd).unwrap();
+    store.collect_garbage(&Default::default()).unwrap();
     assert_eq!(count(&sd.join("ingest")), 0);
     assert_eq!(count(&sd.join("tmp")), 0);
     assert_eq!(count(&sd.join("layers/sha256")), 1);

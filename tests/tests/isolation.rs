@@ -1,0 +1,252 @@
+//! Isolation, checked from inside a sandbox (and from the host where the host has the answer).
+
+use sandbox_tests::sandbox_proto::SandboxStatus;
+use sandbox_tests::{create_idle, exec, proc_status_field, sh, Daemon};
+
+#[test]
+fn pid_namespace_init_and_host_processes_invisible() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "iso-pid");
+
+    let r = exec(&c, &sb.id, &["cat", "/proc/1/cmdline"]);
+    assert_eq!(
+        r.stdout_bytes(),
+        b"sandboxd\0shim\0",
+        "pid 1 is the sandbox's init"
+    );
+
+    // Only the sandbox's processes: its init, the exec'd shell and ps itself.
+    let pids = sh(&c, &sb.id, "ls /proc | grep -E '^[0-9]+$'");
+    let pids: Vec<u32> = pids.lines().map(|l| l.parse().expect("pid")).collect();
+    assert!(pids.contains(&1), "{pids:?}");
+    assert!(
+        pids.len() < 10,
+        "too many processes visible inside: {pids:?}"
+    );
+    let ps = sh(&c, &sb.id, "ps");
+    assert!(ps.lines().count() - 1 < 10, "{ps}");
+
+    // The test's own process (and the daemon) are not visible by name.
+    let own_comm = std::fs::read_to_string("/proc/self/comm").expect("comm");
+    let comms = sh(&c, &sb.id, "cat /proc/[0-9]*/comm");
+    assert!(
+        !comms.lines().any(|l| l == own_comm.trim()),
+        "host process {own_comm:?} visible inside:\n{comms}"
+    );
+    // And the host pid of the test is not a process there (pids are namespaced).
+    let me = std::process::id();
+    if me > 10 {
+        let r = exec(&c, &sb.id, &["test", "-e", &format!("/proc/{me}/status")]);
+        assert_ne!(r.exit_code, 0, "host pid {me} exists inside");
+    }
+}
+
+#[test]
+fn hostname_users_and_uid_map() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "iso-user");
+
+    assert_eq!(sh(&c, &sb.id, "hostname").trim(), "iso-user");
+    assert_eq!(sh(&c, &sb.id, "id -u").trim(), "0");
+    assert_ne!(sb.host_uid, 0, "root inside must not be root outside");
+
+    // The host sees the sandbox's init running as host_uid.
+    let pid = sb.pid.expect("pid of a running sandbox") as i32;
+    let uid = proc_status_field(pid, "Uid");
+    let uids: Vec<u32> = uid
+        .split_whitespace()
+        .map(|u| u.parse().expect("uid"))
+        .collect();
+    assert_eq!(
+        uids,
+        vec![sb.host_uid; 4],
+        "Uid line of the init on the host: {uid}"
+    );
+    let gid = proc_status_field(pid, "Gid");
+    assert!(
+        !gid.split_whitespace().any(|g| g == "0"),
+        "init has gid 0 on the host: {gid}"
+    );
+
+    let map = sh(&c, &sb.id, "cat /proc/self/uid_map");
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields, ["0", &sb.host_uid.to_string(), "65536"], "{map}");
+    let map = sh(&c, &sb.id, "cat /proc/self/gid_map");
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(fields, ["0", &sb.host_uid.to_string(), "65536"], "{map}");
+
+    // A second sandbox gets a distinct range.
+    let other = create_idle(&c, "iso-user2");
+    assert_ne!(other.host_uid, sb.host_uid);
+    assert!(other.host_uid.abs_diff(sb.host_uid) >= 65536);
+}
+
+#[test]
+fn read_only_proc_sys_no_mount_no_userns() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "iso-ro");
+
+    let r = exec(
+        &c,
+        &sb.id,
+        &["sh", "-c", "echo evil > /proc/sys/kernel/hostname"],
+    );
+    assert_ne!(r.exit_code, 0, "writing /proc/sys succeeded");
+    assert!(r.stderr.contains("Read-only file system"), "{r:?}");
+    assert_eq!(sh(&c, &sb.id, "hostname").trim(), "iso-ro");
+
+    // /tmp exists in the image (the image has no /mnt, so mounting there would fail for the wrong reason).
+    let r = exec(&c, &sb.id, &["mount", "-t", "tmpfs", "x", "/tmp"]);
+    assert_ne!(r.exit_code, 0, "mount succeeded: {r:?}");
+    assert_eq!(
+        sh(&c, &sb.id, "grep -c ' /tmp ' /proc/mounts || true").trim(),
+        "0",
+        "something got mounted on /tmp"
+    );
+    let r = exec(&c, &sb.id, &["unshare", "-U", "true"]);
+    assert_ne!(r.exit_code, 0, "unshare -U succeeded: {r:?}");
+    // /sys is read-only too.
+    let r = exec(
+        &c,
+        &sb.id,
+        &["sh", "-c", "echo 1 > /sys/kernel/uevent_helper"],
+    );
+    assert_ne!(r.exit_code, 0, "{r:?}");
+}
+
+#[test]
+fn capabilities_no_new_privs_seccomp() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "iso-caps");
+
+    let status = sh(&c, &sb.id, "cat /proc/self/status");
+    let field = |k: &str| -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}:")))
+            .unwrap_or_else(|| panic!("no {k} in:\n{status}"))
+            .trim()
+            .to_owned()
+    };
+    // Docker's default 14 capabilities.
+    assert_eq!(field("CapBnd"), "00000000a80425fb");
+    assert_eq!(field("CapEff"), "00000000a80425fb");
+    assert_eq!(field("CapPrm"), "00000000a80425fb");
+    assert_eq!(field("CapInh"), "0000000000000000");
+    assert_eq!(field("CapAmb"), "0000000000000000");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!(field("Seccomp"), "2");
+
+    // A non-root user has no effective capabilities.
+    let r = sandbox_tests::sandbox_proto::ExecRequest {
+        user: Some("app".into()),
+        ..sandbox_tests::exec_req(&["grep", "-E", "^Cap(Eff|Prm|Amb|Inh)", "/proc/self/status"])
+    };
+    let r = c.exec(&sb.id, &r).expect("exec as app");
+    for l in r.stdout.lines() {
+        assert!(l.ends_with("0000000000000000"), "{}", r.stdout);
+    }
+}
+
+#[test]
+fn minimal_dev_loopback_only_and_masked_paths() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "iso-dev");
+
+    let mut dev: Vec<String> = sh(&c, &sb.id, "ls -A /dev")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    dev.sort();
+    let mut want = [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue", "fd",
+        "stdin", "stdout", "stderr", "core",
+    ];
+    want.sort();
+    assert_eq!(dev, want);
+
+    // Network: a fresh namespace with only the loopback, up.
+    let ifaces = sh(&c, &sb.id, "ls /sys/class/net");
+    assert_eq!(ifaces.split_whitespace().collect::<Vec<_>>(), ["lo"]);
+    let state = sh(&c, &sb.id, "cat /sys/class/net/lo/operstate");
+    assert!(matches!(state.trim(), "unknown" | "up"), "lo is {state:?}");
+    let flags = sh(&c, &sb.id, "cat /sys/class/net/lo/flags");
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).expect("flags");
+    assert_eq!(flags & 1, 1, "IFF_UP not set on lo");
+    let dev = sh(&c, &sb.id, "cat /proc/net/dev");
+    let names: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(names, ["lo"], "{dev}");
+
+    // Masked /proc files read as empty inside (only those the host kernel has and that have content).
+    let mut checked = 0;
+    for p in ["/proc/kcore", "/proc/timer_list", "/proc/sched_debug"] {
+        let host = std::fs::read(p).map(|v| v.len()).unwrap_or(0);
+        if host == 0 {
+            continue;
+        }
+        let n = sh(&c, &sb.id, &format!("wc -c < {p}"));
+        assert_eq!(n.trim(), "0", "{p} is not masked");
+        checked += 1;
+    }
+    assert!(checked > 0, "no masked /proc file to check on this host");
+}
+
+#[test]
+fn init_reaps_orphans() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "reaper");
+    // Each round: an intermediate shell starts a background child and exits at once, so the child is
+    // orphaned and re-parented to the sandbox's init. The child holds the write end of a FIFO that the
+    // exec reads to end-of-file: when the exec returns, every orphan has exited.
+    for i in 0..5 {
+        let script = format!(
+            "mkfifo /tmp/z{i} && sh -c 'sleep 0 > /tmp/z{i} & sleep 0 > /tmp/z{i} & exit 0' && cat /tmp/z{i}"
+        );
+        sh(&c, &sb.id, &script);
+    }
+    let ps = sh(&c, &sb.id, "ps -o pid,ppid,stat,comm");
+    for line in ps.lines().skip(1) {
+        let stat = line.split_whitespace().nth(2).unwrap_or("");
+        assert!(!stat.starts_with('Z'), "zombie left in the sandbox:\n{ps}");
+    }
+    // Also from the host: no zombie in the sandbox's pid namespace.
+    let pid = sb.pid.expect("pid") as i32;
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).expect("ns link");
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{p}/ns/pid"))
+            .ok()
+            .as_ref()
+            != Some(&ns)
+        {
+            continue;
+        }
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
+            assert!(!state.starts_with('Z'), "zombie {p}: {stat}");
+        }
+    }
+    assert_eq!(c.get(&sb.id).expect("get").status, SandboxStatus::Running);
+}
