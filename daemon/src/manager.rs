@@ -139,10 +139,7 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Writes the record atomically (temp file + rename): it survives a daemon crash at any point.
 fn persist(dir: &Path, rec: &Record) -> std::io::Result<()> {
-    let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
-    let tmp = dir.join(".sandbox.json.tmp");
-    std::fs::write(&tmp, data)?;
-    std::fs::rename(tmp, dir.join("sandbox.json"))
+    sandbox_runtime::spec::write_json_replace(&dir.join("sandbox.json"), rec)
 }
 
 /// The daemon's state.

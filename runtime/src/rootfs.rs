@@ -117,8 +117,8 @@ fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// Step 2: makes the current directory (the rootfs mount) the root; the cwd becomes `/`.
-pub fn pivot_cwd() -> Result<(), RootfsError> {
+/// Makes every mount of the current mount namespace private (no propagation to or from the host).
+pub fn make_root_private() -> Result<(), RootfsError> {
     mount(
         None::<&str>,
         "/",
@@ -126,7 +126,12 @@ pub fn pivot_cwd() -> Result<(), RootfsError> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(err("make private", "/"))?;
+    .map_err(err("make private", "/"))
+}
+
+/// Step 2: makes the current directory (the rootfs mount) the root; the cwd becomes `/`.
+pub fn pivot_cwd() -> Result<(), RootfsError> {
+    make_root_private()?;
     match std::fs::create_dir(OLD_ROOT) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

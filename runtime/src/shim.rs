@@ -186,14 +186,7 @@ struct Prepared {
 impl Prepared {
     fn new(cgroup: Option<SandboxCgroup>) -> Result<Self, ShimError> {
         nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
-        mount(
-            None::<&str>,
-            "/",
-            None::<&str>,
-            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-            None::<&str>,
-        )
-        .map_err(step("making / private"))?;
+        crate::rootfs::make_root_private().map_err(|e| ShimError::Init(e.to_string()))?;
         let filter = crate::seccomp::default_filter()
             .map_err(|e| ShimError::Init(format!("seccomp filter: {e}")))?;
         let go = pipe()?;
@@ -434,6 +427,15 @@ fn write_fd(fd: &OwnedFd, data: &[u8]) {
     let _ = nix::unistd::write(fd, data);
 }
 
+/// Points fds 0-2 at `/dev/null`: the init keeps no channel to the outside on its stdio.
+fn stdio_to_null() {
+    if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(null.as_fd());
+        let _ = nix::unistd::dup2_stdout(null.as_fd());
+        let _ = nix::unistd::dup2_stderr(null.as_fd());
+    }
+}
+
 fn open_for_append(path: &Path) -> Result<File, String> {
     OpenOptions::new()
         .append(true)
@@ -502,11 +504,7 @@ fn init_setup(
         .map_err(|e| format!("blocking signals: {e}"))?;
 
     let Some(process) = &spec.process else {
-        if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdin(null.as_fd());
-            let _ = nix::unistd::dup2_stdout(null.as_fd());
-            let _ = nix::unistd::dup2_stderr(null.as_fd());
-        }
+        stdio_to_null();
         return Ok(None);
     };
     // SAFETY: the init is single-threaded (a clone of the single-threaded supervisor), so the child owns a
@@ -526,11 +524,7 @@ fn init_setup(
         }
         Ok(nix::unistd::ForkResult::Parent { child }) => {
             // The init itself keeps no channel to the outside on its stdio.
-            if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
-                let _ = nix::unistd::dup2_stdin(null.as_fd());
-                let _ = nix::unistd::dup2_stdout(null.as_fd());
-                let _ = nix::unistd::dup2_stderr(null.as_fd());
-            }
+            stdio_to_null();
             Ok(Some(child))
         }
         Err(e) => Err(format!("fork of the main process: {e}")),

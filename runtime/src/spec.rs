@@ -142,6 +142,16 @@ pub fn now_ms() -> u64 {
 /// Writes `value` as JSON to `path` atomically, its content durable: temp file, fsync, rename. (The
 /// directory is not synced: after a power loss the record may be missing, never torn.)
 pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_json(path, value, true)
+}
+
+/// Writes `value` as JSON to `path` atomically (temp file + rename) without forcing it to disk: enough for
+/// records that only matter while the machine is up (a process crash never leaves a torn file).
+pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_json(path, value, false)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T, durable: bool) -> std::io::Result<()> {
     let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let dir = path.parent().ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent")
@@ -153,23 +163,10 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Resul
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&data)?;
-        f.sync_data()?;
+        if durable {
+            f.sync_data()?;
+        }
     }
-    std::fs::rename(&tmp, path)
-}
-
-/// Writes `value` as JSON to `path` atomically (temp file + rename) without forcing it to disk: enough for
-/// records that only matter while the machine is up (a process crash never leaves a torn file).
-pub fn write_json_replace<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
-    let dir = path.parent().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no parent")
-    })?;
-    let name = path.file_name().ok_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has no file name")
-    })?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    std::fs::write(&tmp, data)?;
     std::fs::rename(&tmp, path)
 }
 
