@@ -1057,7 +1057,15 @@ impl Manager {
         })
         .await
         .map_err(|e| internal("remove", e))??;
-        self.collect_images().await;
+        // Only an image that lost its last name while this sandbox ran can have become garbage.
+        let digest = entry.snapshot().image_digest;
+        let images = self.images.clone();
+        let named = tokio::task::spawn_blocking(move || lock(&images).resolve(&digest).is_ok())
+            .await
+            .unwrap_or(true);
+        if !named {
+            self.collect_images().await;
+        }
         Ok(())
     }
 
