@@ -784,9 +784,13 @@ impl Manager {
                 "the sandbox did not start within 60 s",
             )),
         };
-        drop(lines);
         let init = match report {
             Ok(StartReport::Started { init }) => init,
+            Ok(StartReport::Exited) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(internal("supervisor", "reported an exit before a start"));
+            }
             Ok(StartReport::Failed { message }) => {
                 let _ = child.wait().await;
                 return Err(ApiError::new(
@@ -812,8 +816,28 @@ impl Manager {
         let me = self.clone();
         let id = rec.id.clone();
         tokio::spawn(async move {
-            let _ = child.wait().await;
-            me.finalize(&id).await;
+            // The supervisor says `exited` as soon as the exit is recorded; its own exit (after the kernel has
+            // torn the namespaces down) is the fallback when the line never comes.
+            let exited_line = async {
+                loop {
+                    match lines.next_line().await {
+                        Ok(Some(l))
+                            if matches!(serde_json::from_str(&l), Ok(StartReport::Exited)) =>
+                        {
+                            return
+                        }
+                        Ok(Some(_)) => continue,
+                        _ => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            tokio::select! {
+                () = exited_line => {
+                    me.finalize(&id).await;
+                    let _ = child.wait().await;
+                }
+                _ = child.wait() => me.finalize(&id).await,
+            }
         });
         self.schedule_refill();
         Ok(rec.info())
@@ -839,11 +863,14 @@ impl Manager {
         let Ok(entry) = self.entry(id).await else {
             return;
         };
+        let rec = entry.snapshot();
+        if rec.status.is_terminal() {
+            return;
+        }
         let exit = read_json::<ExitRecord>(&entry.dir.join("exit.json"))
             .ok()
             .flatten();
         let cg = self.cgroups.sandbox(id);
-        let rec = entry.snapshot();
         if exit.is_none() {
             // The supervisor died without recording anything: make sure nothing of the sandbox survives.
             if let Some(init) = rec.init {

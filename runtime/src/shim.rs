@@ -166,7 +166,6 @@ pub fn main(state_dir: Option<PathBuf>, pool_cgroup: Option<SandboxCgroup>) -> i
     match start(&spec, pre) {
         Ok(init) => {
             send_report(&StartReport::Started { init: init.record });
-            detach_stdout();
             supervise(&spec, init)
         }
         Err(e) => report_and_exit(&e.to_string()),
@@ -587,9 +586,19 @@ fn init_loop(main: Option<Pid>, status: OwnedFd) -> ! {
 }
 
 fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
-    let ws = waitpid(init.pid, None);
+    // The init writes the main process's status just before it exits; reading it (rather than waiting for
+    // the init's own exit) keeps the kernel's namespace teardown off the path that reports the exit.
     let mut buf = [0u8; 5];
-    let got = nix::unistd::read(&init.status_read, &mut buf).unwrap_or(0);
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(&init.status_read, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    let mut reaped = false;
     let (code, signal) = if got == 5 {
         let v = i32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
         if buf[0] == 0 {
@@ -598,7 +607,9 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
             (None, Some(v))
         }
     } else {
-        match ws {
+        // No status: the init itself was killed (SIGKILL at the end of a stop's grace period).
+        reaped = true;
+        match waitpid(init.pid, None) {
             Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
             Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
             _ => (None, Some(libc::SIGKILL)),
@@ -622,6 +633,11 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
     if let Err(e) = write_json_atomic(&spec.state_dir.join("exit.json"), &record) {
         let _ = writeln!(std::io::stderr(), "sandboxd shim: writing exit.json: {e}");
         rc = 1;
+    }
+    send_report(&StartReport::Exited);
+    detach_stdout();
+    if !reaped {
+        let _ = waitpid(init.pid, None);
     }
     // The cgroup is removed by the daemon once it has recorded the exit (also after a daemon restart).
     rc

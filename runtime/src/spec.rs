@@ -75,7 +75,8 @@ pub struct ExitRecord {
     pub finished_at_ms: u64,
 }
 
-/// The supervisor's first and only message to the daemon on its stdout (one JSON line).
+/// The supervisor's messages to the daemon on its stdout (JSON lines): `Started` or `Failed`, then
+/// `Exited` (a daemon restarted in between learns of the exit from the supervisor's own exit instead).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StartReport {
@@ -89,6 +90,9 @@ pub enum StartReport {
         /// What failed, for humans.
         message: String,
     },
+    /// Later, on the same pipe: the main process has ended and `exit.json` is written (the kernel may still
+    /// be tearing the sandbox's namespaces down; the supervisor exits once that is done).
+    Exited,
 }
 
 /// What the daemon sends the exec helper (one JSON line on fd 3).
