@@ -111,6 +111,8 @@ struct Entry {
     dir: PathBuf,
     rec: StdMutex<Record>,
     status: watch::Sender<SandboxStatus>,
+    /// Becomes true once the sandbox has been removed.
+    removed: watch::Sender<bool>,
 }
 
 impl Entry {
@@ -159,6 +161,10 @@ pub struct Manager {
     refilling: std::sync::atomic::AtomicBool,
     /// The daemon is shutting down: no more pooled supervisors.
     shutting_down: std::sync::atomic::AtomicBool,
+    /// Ids (and cgroup names) reserved by pooled supervisors, persisted in `state_dir/pool.json`: an id is
+    /// written there before its cgroup is created and dropped only after the cgroup is gone (or the id has
+    /// become a sandbox's, recorded in its own `sandbox.json`).
+    pool_ids: StdMutex<std::collections::BTreeSet<String>>,
 }
 
 /// A supervisor prepared ahead of time, with the id and cgroup its sandbox will have.
@@ -271,6 +277,7 @@ impl Manager {
             pool: StdMutex::new(Vec::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            pool_ids: StdMutex::new(std::collections::BTreeSet::new()),
         });
         m.recover().await;
         m.collect_images().await;
@@ -312,6 +319,15 @@ impl Manager {
         cmd.spawn()
     }
 
+    fn pool_ids_changed(&self, f: impl FnOnce(&mut std::collections::BTreeSet<String>)) {
+        let mut ids = lock(&self.pool_ids);
+        f(&mut ids);
+        let path = self.cfg.state_dir.join("pool.json");
+        if let Err(e) = sandbox_runtime::spec::write_json_replace(&path, &*ids) {
+            tracing::warn!("writing {}: {e}", path.display());
+        }
+    }
+
     /// Tops the pool up in the background (one refill at a time).
     fn schedule_refill(self: &Arc<Self>) {
         if self.cfg.warm_pool == 0 || self.refilling.swap(true, Ordering::AcqRel) {
@@ -339,15 +355,28 @@ impl Manager {
             }
         }
         for e in dead {
-            let _ = e.cgroup.destroy();
+            if e.cgroup.destroy().is_ok() {
+                self.pool_ids_changed(|ids| {
+                    ids.remove(&e.id);
+                });
+            }
         }
         while lock(&self.pool).len() < self.cfg.warm_pool
             && !self.shutting_down.load(Ordering::Acquire)
         {
             let id = random_id();
+            self.pool_ids_changed(|ids| {
+                ids.insert(id.clone());
+            });
+            let forget = |id: &str| {
+                self.pool_ids_changed(|ids| {
+                    ids.remove(id);
+                })
+            };
             let cgroup = match self.cgroups.create(&id, &Limits::default()) {
                 Ok(c) => c,
                 Err(e) => {
+                    forget(&id);
                     tracing::warn!("creating a pooled sandbox cgroup: {e}");
                     return;
                 }
@@ -355,7 +384,9 @@ impl Manager {
             match self.spawn_shim(None, Some(&cgroup)) {
                 Ok(child) => lock(&self.pool).push(PoolEntry { id, cgroup, child }),
                 Err(e) => {
-                    let _ = cgroup.destroy();
+                    if cgroup.destroy().is_ok() {
+                        forget(&id);
+                    }
                     tracing::warn!("starting a pooled supervisor: {e}");
                     return;
                 }
@@ -409,7 +440,11 @@ impl Manager {
             drop(e.child.stdin.take());
             let _ = e.child.wait().await;
             let cg = e.cgroup;
-            let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
+            if let Ok(Ok(())) = tokio::task::spawn_blocking(move || cg.destroy()).await {
+                self.pool_ids_changed(|ids| {
+                    ids.remove(&e.id);
+                });
+            }
         }
     }
 
@@ -598,7 +633,15 @@ impl Manager {
                 &limits,
             );
             match reserved {
-                Ok((entry, rec)) => (entry, rec, pooled),
+                Ok((entry, rec)) => {
+                    if pooled.is_some() {
+                        // The id is now recorded as this sandbox's.
+                        self.pool_ids_changed(|ids| {
+                            ids.remove(&rec.id);
+                        });
+                    }
+                    (entry, rec, pooled)
+                }
                 Err(e) => {
                     if let Some(p) = pooled.take() {
                         lock(&self.pool).push(p);
@@ -693,6 +736,7 @@ impl Manager {
             dir,
             rec: StdMutex::new(rec.clone()),
             status: tx,
+            removed: watch::channel(false).0,
         });
         map.insert(id, entry.clone());
         Ok((entry, rec))
@@ -953,11 +997,19 @@ impl Manager {
         validate_timeout("timeout_seconds", timeout)?;
         let entry = self.entry(id).await?;
         let mut rx = entry.status.subscribe();
+        let mut removed = entry.removed.subscribe();
         let reached = |s: SandboxStatus| match cond {
             WaitCondition::Exited => s.is_terminal(),
             WaitCondition::Running => s == SandboxStatus::Running || s.is_terminal(),
+            WaitCondition::Removed => false,
         };
-        let fut = rx.wait_for(|s| reached(*s));
+        let fut = async {
+            if cond == WaitCondition::Removed {
+                removed.wait_for(|r| *r).await.map(drop)
+            } else {
+                rx.wait_for(|s| reached(*s)).await.map(drop)
+            }
+        };
         let res = match timeout {
             Some(t) => tokio::time::timeout(Duration::from_secs_f64(t), fut)
                 .await
@@ -965,7 +1017,7 @@ impl Manager {
             None => Some(fut.await),
         };
         match res {
-            Some(Ok(_)) => Ok(entry.snapshot().info()),
+            Some(Ok(())) => Ok(entry.snapshot().info()),
             Some(Err(_)) => Err(not_found(id)),
             None => Err(ApiError::new(
                 ErrorCode::WaitTimeout,
@@ -1084,6 +1136,7 @@ impl Manager {
         })
         .await
         .map_err(|e| internal("remove", e))??;
+        entry.removed.send_replace(true);
         // Only an image that lost its last name while this sandbox ran can have become garbage.
         let digest = entry.snapshot().image_digest;
         let images = self.images.clone();
@@ -1351,6 +1404,7 @@ impl Manager {
                 dir: dir.clone(),
                 rec: StdMutex::new(rec.clone()),
                 status: tx,
+                removed: watch::channel(false).0,
             });
             self.sandboxes.lock().await.insert(rec.id.clone(), entry);
             if rec.status.is_terminal() {
@@ -1372,6 +1426,18 @@ impl Manager {
                 None => self.finalize(&rec.id).await,
             }
         }
+        // Pool ids of a previous run are orphans now: their supervisors ended with the old daemon, and the
+        // sweep below removes their cgroups.
+        if let Ok(Some(old)) =
+            read_json::<std::collections::BTreeSet<String>>(&self.cfg.state_dir.join("pool.json"))
+        {
+            if !old.is_empty() {
+                tracing::info!(
+                    count = old.len(),
+                    "dropping the previous run's pooled supervisors"
+                );
+            }
+        }
         if let Ok(ids) = self.cgroups.list() {
             for id in ids.into_iter().filter(|i| !known.contains(i)) {
                 tracing::warn!(%id, "removing an orphaned sandbox cgroup");
@@ -1379,6 +1445,7 @@ impl Manager {
                 let _ = tokio::task::spawn_blocking(move || cg.destroy()).await;
             }
         }
+        self.pool_ids_changed(|ids| ids.clear());
     }
 
     /// Kills whatever a half-created sandbox left running and removes its cgroup and directory.

@@ -230,6 +230,9 @@ pub enum WaitCondition {
     Exited,
     /// Until RUNNING (or terminal, if it never gets there).
     Running,
+    /// Until the sandbox has been removed (by a delete, or by `auto_remove` after its exit); answers with
+    /// its last state. Unknown ids answer `SANDBOX_NOT_FOUND`, as for the other conditions.
+    Removed,
 }
 
 /// Body of `POST /v1/sandboxes/{id}/wait`.

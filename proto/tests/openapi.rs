@@ -359,12 +359,16 @@ fn enum_schemas_match_serde() {
     let w: Vec<String> = statuses.iter().map(wire).collect();
     assert_eq!(enum_values("SandboxStatus"), w);
 
-    let w: Vec<String> = [WaitCondition::Exited, WaitCondition::Running]
-        .iter()
-        .map(wire)
-        .collect();
+    let w: Vec<String> = [
+        WaitCondition::Exited,
+        WaitCondition::Running,
+        WaitCondition::Removed,
+    ]
+    .iter()
+    .map(wire)
+    .collect();
     assert_eq!(enum_values("WaitCondition"), w);
-    assert_eq!(w, ["exited", "running"]);
+    assert_eq!(w, ["exited", "running", "removed"]);
 
     let w: Vec<String> = [OutputEncoding::Utf8, OutputEncoding::Base64]
         .iter()

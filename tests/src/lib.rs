@@ -591,28 +591,25 @@ impl Daemon {
         let mut want: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
         want.sort();
         assert_eq!(self.sandbox_dirs(), want, "sandbox state directories");
-        // Other cgroups may only be the warm pool's (supervisors started ahead of any sandbox). A refill
-        // creates the cgroup just before starting its supervisor and nothing signals that moment, so an
-        // unknown cgroup gets a bounded re-check (10 s) for its supervisor to show up.
-        for _ in 0..1000 {
-            let pool = self.pool_cgroup_ids();
-            let unknown = self.sandbox_cgroups().into_iter().any(|cg| {
-                let name = cg
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                !want.contains(&name) && !pool.contains(&name)
-            });
-            if !unknown {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "cgroups of neither {want:?} nor the warm pool: {:?} (pool: {:?})",
-            self.sandbox_cgroups(),
-            self.pool_cgroup_ids()
+        // Other cgroups may only be the warm pool's. Scan, then read the pool's ids, then scan again: a
+        // cgroup seen in the first scan was listed in pool.json before it was made, and leaves pool.json only
+        // after it is removed, so one absent from pool.json and still present in the second scan is a leak.
+        let name_of = |cg: &PathBuf| {
+            cg.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        };
+        let first: Vec<String> = self.sandbox_cgroups().iter().map(name_of).collect();
+        let pool = self.pool_cgroup_ids();
+        let second: Vec<String> = self.sandbox_cgroups().iter().map(name_of).collect();
+        let leaked: Vec<&String> = first
+            .iter()
+            .filter(|n| !want.contains(n) && !pool.contains(n) && second.contains(n))
+            .collect();
+        assert!(
+            leaked.is_empty(),
+            "cgroups of neither {want:?} nor the warm pool: {leaked:?} (pool: {pool:?})"
         );
     }
 
@@ -645,8 +642,13 @@ impl Daemon {
     }
 
     /// Ids of the warm pool's cgroups.
+    /// Ids the daemon has reserved for pooled supervisors (`state_dir/pool.json`). The daemon writes an id
+    /// there before it creates the cgroup and removes it only after the cgroup is gone.
     pub fn pool_cgroup_ids(&self) -> Vec<String> {
-        pool_cgroup_ids(&self.state_dir, &self.cgroup_parent)
+        fs::read(self.state_dir.join("pool.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
     }
 
     fn cleanup(&mut self) -> Vec<String> {

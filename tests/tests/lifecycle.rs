@@ -262,19 +262,22 @@ fn auto_remove_removes_the_sandbox_after_exit() {
     d.assert_only_sandboxes(&[]);
 }
 
-/// The removal follows the exit without any event a client can wait on: poll the list and the state
-/// directory, bounded (10 s).
+/// Waits for the removal itself (`wait` with condition `removed`); a sandbox already gone is not found.
 fn wait_auto_removed(d: &Daemon, id: &str) {
     let c = d.client();
-    for _ in 0..1000 {
-        let listed = c.list(&[], None).expect("list").sandboxes;
-        if !listed.iter().any(|s| s.id == id) && !d.sandbox_dirs().iter().any(|s| s == id) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    let req = WaitRequest {
+        condition: WaitCondition::Removed,
+        timeout_seconds: Some(120.0),
+    };
+    match c.wait(id, req) {
+        Ok(info) => assert!(info.status.is_terminal(), "{info:?}"),
+        Err(e) => assert_eq!(e.api_code(), Some(ErrorCode::SandboxNotFound), "{e:?}"),
     }
-    panic!(
-        "auto_remove sandbox {id} still present: {:?}",
-        d.sandbox_dirs()
-    );
+    assert!(!c
+        .list(&[], None)
+        .expect("list")
+        .sandboxes
+        .iter()
+        .any(|s| s.id == id));
+    assert!(!d.sandbox_dirs().iter().any(|s| s == id));
 }
