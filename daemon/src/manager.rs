@@ -36,6 +36,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// After an exec's process exited, how long its output pipes may stay open (held by background
 /// processes it left) before the collected output is returned.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
+/// ...and at most this long in all, if they keep writing.
+const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(2);
 /// Cap on each log stream returned by the logs call.
 const LOG_CAP: u64 = 16 << 20;
 
@@ -657,6 +659,8 @@ impl Manager {
         {
             Ok(info) => Ok(info),
             Err(e) => {
+                // Releases anyone waiting for the creation to settle (a stop or delete that raced it).
+                entry.status.send_replace(SandboxStatus::Failed);
                 self.discard(&entry).await;
                 Err(e)
             }
@@ -787,7 +791,10 @@ impl Manager {
         })?;
         entry.update(|r| r.cgroup = Some(cgroup.clone()));
 
-        let layers = lock(&self.images).layer_dirs(image);
+        let (images, img) = (self.images.clone(), image.clone());
+        let layers = tokio::task::spawn_blocking(move || lock(&images).layer_dirs(&img))
+            .await
+            .map_err(|e| internal("image layers", e))?;
         let spec = SandboxSpec {
             id: rec.id.clone(),
             hostname: rec.name.clone(),
@@ -1041,6 +1048,12 @@ impl Manager {
             ));
         }
         let entry = self.entry(id).await?;
+        // A sandbox still being created: let the creation settle first, so that the stop reaches its init.
+        let mut creating = entry.status.subscribe();
+        if *creating.borrow() == SandboxStatus::Creating {
+            let settle = creating.wait_for(|s| *s != SandboxStatus::Creating);
+            let _ = tokio::time::timeout(START_TIMEOUT + Duration::from_secs(5), settle).await;
+        }
         let rec = entry.snapshot();
         if rec.status.is_terminal() {
             return Ok(rec.info());
@@ -1524,6 +1537,8 @@ struct ExecOutput {
 struct Capped {
     data: Vec<u8>,
     truncated: bool,
+    /// Bytes read, kept or not.
+    seen: u64,
 }
 
 async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Capped>>) {
@@ -1533,6 +1548,7 @@ async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Cap
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let mut c = lock(&into);
+                c.seen += n as u64;
                 let room = (cap as usize).saturating_sub(c.data.len());
                 if n > room {
                     c.truncated = true;
@@ -1565,7 +1581,9 @@ async fn run_exec_helper(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_clear()
-        .kill_on_drop(true);
+        // Not killed with the request: a client that goes away must not leave the exec without its
+        // deadline, which the helper enforces.
+        .kill_on_drop(false);
     // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl (through
     // `place_fd`), which are async-signal-safe; it touches no memory shared with other threads.
     unsafe {
@@ -1630,10 +1648,25 @@ async fn run_exec_helper(
     });
     // Output written before the exit is already in the pipes; background processes the command left
     // behind may hold them open, so do not wait for end-of-file longer than a moment.
+    // Output still arriving (already in the pipes, or from those background processes) is read on as long
+    // as it keeps coming, within a bound.
     let (mut t_out, mut t_err) = (t_out, t_err);
-    let deadline = tokio::time::Instant::now() + OUTPUT_DRAIN;
-    let _ = tokio::time::timeout_at(deadline, &mut t_out).await;
-    let _ = tokio::time::timeout_at(deadline, &mut t_err).await;
+    let hard = tokio::time::Instant::now() + OUTPUT_DRAIN_MAX;
+    let seen = || lock(&out).seen + lock(&err).seen;
+    let mut last = seen();
+    loop {
+        let deadline = (tokio::time::Instant::now() + OUTPUT_DRAIN).min(hard);
+        let _ = tokio::time::timeout_at(deadline, &mut t_out).await;
+        let _ = tokio::time::timeout_at(deadline, &mut t_err).await;
+        let now = seen();
+        if (t_out.is_finished() && t_err.is_finished())
+            || now == last
+            || tokio::time::Instant::now() >= hard
+        {
+            break;
+        }
+        last = now;
+    }
     t_out.abort();
     t_err.abort();
     let (stdout, stdout_truncated) = {

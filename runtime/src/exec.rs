@@ -150,8 +150,13 @@ fn kill_leaf(leaf: &Leaf) {
         for d in &leaf.dirs {
             for pid in leaf_pids(d.as_fd()) {
                 any = true;
-                let _ =
-                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                // Pin the process first, then check it still belongs to the leaf: a pid recycled by the
+                // host in between is never signalled.
+                if let Ok(fd) = crate::sys::pidfd_open(pid) {
+                    if leaf_pids(d.as_fd()).contains(&pid) {
+                        let _ = crate::sys::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+                    }
+                }
             }
         }
         if !any {

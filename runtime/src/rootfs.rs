@@ -71,8 +71,48 @@ pub const READONLY_PATHS: &[&str] = &[
 
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
+/// The image controls every path in the rootfs, and during setup the host's root is still attached at
+/// [`OLD_ROOT`]: a symlink such as `/proc -> /.sandboxd-oldroot/tmp/x` must never steer a mkdir, a file
+/// creation or a mount. Runs while no sandbox process exists yet, so nothing can change the tree between
+/// this check and its use.
+///
+/// A symlink as the last component is replaced (inside the overlay) by what setup needs there; a symlink
+/// anywhere before it is refused.
+fn own_target(p: &Path, dir: bool) -> Result<(), RootfsError> {
+    let refuse = |what: &Path| RootfsError {
+        step: "refusing an image symlink at",
+        path: what.display().to_string(),
+        source: std::io::Error::from_raw_os_error(libc::ELOOP),
+    };
+    let mut cur = PathBuf::from("/");
+    let parts: Vec<_> = p.components().skip(1).collect();
+    for (i, c) in parts.iter().enumerate() {
+        cur.push(c);
+        let last = i + 1 == parts.len();
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if !last {
+                    return Err(refuse(&cur));
+                }
+                std::fs::remove_file(&cur).map_err(ioerr("unlink image symlink", &cur))?;
+            }
+            Ok(m) if !last && !m.is_dir() => return Err(refuse(&cur)),
+            Ok(_) => continue,
+            Err(_) => {}
+        }
+        if std::fs::symlink_metadata(&cur).is_err() {
+            if last && !dir {
+                std::fs::File::create(&cur).map_err(ioerr("create", &cur))?;
+            } else {
+                std::fs::create_dir(&cur).map_err(ioerr("mkdir", &cur))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn mkdir_p(p: &Path) -> Result<(), RootfsError> {
-    std::fs::create_dir_all(p).map_err(ioerr("mkdir", p))
+    own_target(p, true)
 }
 
 fn mnt(
@@ -132,6 +172,10 @@ pub fn make_root_private() -> Result<(), RootfsError> {
 /// Step 2: makes the current directory (the rootfs mount) the root; the cwd becomes `/`.
 pub fn pivot_cwd() -> Result<(), RootfsError> {
     make_root_private()?;
+    // The image may ship something at this name: only a real directory will do.
+    if std::fs::symlink_metadata(OLD_ROOT).is_ok_and(|m| !m.is_dir()) {
+        std::fs::remove_file(OLD_ROOT).map_err(ioerr("unlink", OLD_ROOT))?;
+    }
     match std::fs::create_dir(OLD_ROOT) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -215,9 +259,7 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
     for (name, fd) in [("hosts", &support.hosts), ("hostname", &support.hostname)] {
         let src = fd_path(fd);
         let target = PathBuf::from("/etc").join(name);
-        if !target.exists() {
-            std::fs::File::create(&target).map_err(ioerr("create", &target))?;
-        }
+        own_target(&target, false)?;
         mount(
             Some(&src),
             &target,
@@ -228,7 +270,7 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
         .map_err(err("bind", &target))?;
     }
     let tmp = Path::new("/tmp");
-    if let Ok(m) = std::fs::metadata(tmp) {
+    if let Ok(m) = std::fs::symlink_metadata(tmp) {
         if m.permissions().mode() & 0o7777 == 0o755 && m.is_dir() {
             // An image without a /tmp of its own got one from mkdir above: make it what programs expect.
             let _ = std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o1777));

@@ -325,13 +325,15 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
         })));
     }
     let start_time = crate::sys::process_start_time(pid.as_raw())
-        .map_err(step("reading the init's start time"))?;
+        .map_err(step("reading the init's start time"))
+        .map_err(fail)?;
     let record = ProcRecord {
         pid: pid.as_raw(),
         start_time,
     };
     write_json_replace(&spec.state_dir.join("init.json"), &record)
-        .map_err(step("writing init.json"))?;
+        .map_err(step("writing init.json"))
+        .map_err(fail)?;
     Ok(Init {
         record,
         pid,
@@ -615,7 +617,10 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
             _ => (None, Some(libc::SIGKILL)),
         }
     };
-    let oom_killed = spec.cgroup.oom_kill_count().map(|n| n > 0).unwrap_or(false);
+    // The OOM counter covers the whole sandbox (execs included): it explains the main process's end only
+    // when that end was a SIGKILL.
+    let oom_killed = signal == Some(libc::SIGKILL)
+        && spec.cgroup.oom_kill_count().map(|n| n > 0).unwrap_or(false);
     let reason = match (code, signal, oom_killed) {
         (_, _, true) => "OOM killed: the sandbox reached its memory limit".to_owned(),
         (Some(c), _, _) => format!("exited with code {c}"),
