@@ -166,6 +166,23 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+/// Memory bytes, CPU quota (us per period) and pids, as the kernel files take them.
+type KernelLimits = (Option<i64>, Option<i64>, Option<i64>);
+
+impl Limits {
+    /// The limits as the kernel files take them: memory bytes, CPU quota (us per period) and pids, each
+    /// checked for range.
+    fn checked(&self) -> Result<KernelLimits, CgroupError> {
+        let quota = self.cpu_millis.map(cpu_quota_us).transpose()?;
+        let memory = self
+            .memory_bytes
+            .map(|b| to_i64("memory_bytes", b))
+            .transpose()?;
+        let pids = self.pids.map(|p| to_i64("pids", p)).transpose()?;
+        Ok((memory, quota, pids))
+    }
+}
+
 /// The v1 controllers sandboxd uses, in the order cgroups-rs attaches them (blkio before memory, see its
 /// comment on cgroup writeback).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,12 +404,7 @@ impl CgroupManager {
     /// Creates `<parent>/<id>` in every hierarchy used and writes the limits. On error nothing is left behind.
     pub fn create(&self, id: &str, limits: &Limits) -> Result<SandboxCgroup, CgroupError> {
         validate_name("sandbox id", id)?;
-        let quota = limits.cpu_millis.map(cpu_quota_us).transpose()?;
-        let memory = limits
-            .memory_bytes
-            .map(|b| to_i64("memory_bytes", b))
-            .transpose()?;
-        let pids = limits.pids.map(|p| to_i64("pids", p)).transpose()?;
+        let (memory, quota, pids) = limits.checked()?;
         let sandbox = self.sandbox(id);
         if let Some(d) = sandbox.dirs.iter().find(|d| d.exists()) {
             return Err(CgroupError::AlreadyExists(d.clone()));
@@ -482,12 +494,7 @@ impl CgroupManager {
     /// Writes `limits` into an existing sandbox cgroup (one created ahead of time, e.g. for a pooled
     /// supervisor whose init already sits in it). `None` fields are left as they are.
     pub fn apply_limits(&self, cg: &SandboxCgroup, limits: &Limits) -> Result<(), CgroupError> {
-        let quota = limits.cpu_millis.map(cpu_quota_us).transpose()?;
-        let memory = limits
-            .memory_bytes
-            .map(|b| to_i64("memory_bytes", b))
-            .transpose()?;
-        let pids = limits.pids.map(|p| to_i64("pids", p)).transpose()?;
+        let (memory, quota, pids) = limits.checked()?;
         if cg.dirs.len() != self.hiers.len() {
             return Err(CgroupError::EmptyHandle);
         }
