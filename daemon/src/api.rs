@@ -10,7 +10,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use sandbox_proto::{
     ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ImageList, ImportImageRequest,
-    SandboxList, SandboxStatus, StopRequest, VersionInfo, WaitRequest,
+    PruneImagesRequest, PullEvent, PullImageRequest, SandboxList, SandboxStatus, StopRequest,
+    VersionInfo, WaitRequest,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -36,6 +37,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/images/import"),
     ("GET", "/v1/images/{ref}"),
     ("DELETE", "/v1/images/{ref}"),
+    ("POST", "/v1/images/pull"),
+    ("POST", "/v1/images/prune"),
+    ("GET", "/v1/system/df"),
 ];
 
 /// Builds the router.
@@ -50,6 +54,9 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/sandboxes/{id}/logs", get(logs))
         .route("/v1/images", get(images))
         .route("/v1/images/import", post(import))
+        .route("/v1/images/pull", post(pull))
+        .route("/v1/images/prune", post(prune))
+        .route("/v1/system/df", get(system_df))
         .route("/v1/images/{ref}", get(image).delete(remove_image))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
@@ -184,6 +191,97 @@ async fn images(State(m): St) -> Res<Json<ImageList>> {
 async fn import(State(m): St, b: Bytes) -> Res<impl IntoResponse> {
     let req: ImportImageRequest = body(&b, false)?;
     Ok((StatusCode::CREATED, Json(m.import_image(req).await?)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PullQuery {
+    #[serde(default)]
+    progress: bool,
+}
+
+async fn pull(
+    State(m): St,
+    q: Result<Query<PullQuery>, axum::extract::rejection::QueryRejection>,
+    b: Bytes,
+) -> Res<Response> {
+    let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let req: PullImageRequest = body(&b, false)?;
+    if !q.progress {
+        return Ok(Json(m.pull_image(req).await?).into_response());
+    }
+    let sub = m.pull_image_events(&req)?;
+    let joined = sub.joined;
+    // One JSON line per event: the snapshot of a pull joined midway, then live events up to the final one.
+    struct Feed {
+        snapshot: std::vec::IntoIter<PullEvent>,
+        events: tokio::sync::broadcast::Receiver<PullEvent>,
+        result: tokio::sync::watch::Receiver<Option<Result<sandbox_proto::PullResult, ApiError>>>,
+        done: bool,
+    }
+    let feed = Feed {
+        snapshot: sub.snapshot.into_iter(),
+        events: sub.events,
+        result: sub.result,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(feed, move |mut f| async move {
+        if f.done {
+            return None;
+        }
+        let ev = match f.snapshot.next() {
+            Some(ev) => ev,
+            None => loop {
+                match f.events.recv().await {
+                    Ok(ev) => break ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        // The pull ended before this stream saw its last event: answer its outcome.
+                        let outcome = f.result.borrow().clone();
+                        break match outcome {
+                            Some(Ok(r)) => PullEvent::Done(r),
+                            Some(Err(error)) => PullEvent::Error { error },
+                            None => PullEvent::Error {
+                                error: ApiError::new(
+                                    ErrorCode::Internal,
+                                    "the pull ended without an outcome",
+                                ),
+                            },
+                        };
+                    }
+                }
+            },
+        };
+        let ev = match ev {
+            PullEvent::Done(mut r) => {
+                f.done = true;
+                r.joined = joined;
+                PullEvent::Done(r)
+            }
+            e @ PullEvent::Error { .. } => {
+                f.done = true;
+                e
+            }
+            e => e,
+        };
+        let mut line = serde_json::to_vec(&ev).unwrap_or_else(|_| b"{}".to_vec());
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), f))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn prune(State(m): St, b: Bytes) -> Res<impl IntoResponse> {
+    let req: PruneImagesRequest = body(&b, true)?;
+    Ok(Json(m.prune_images(req).await?))
+}
+
+async fn system_df(State(m): St) -> Res<impl IntoResponse> {
+    Ok(Json(m.disk_usage().await?))
 }
 
 async fn image(State(m): St, Path(r): Path<String>) -> Res<impl IntoResponse> {

@@ -1,5 +1,6 @@
 //! Daemon configuration: a TOML file, overridden by command-line flags.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -53,6 +54,48 @@ pub struct Config {
     /// Supervisors kept ready (mount namespace, seccomp filter and init in fresh namespaces prepared),
     /// so that creating a sandbox does not wait for a process to start; 0 disables the pool.
     pub warm_pool: usize,
+    /// How images are pulled.
+    pub pull: PullConfig,
+    /// Per-registry settings, keyed by registry host as it appears in normalised references (`docker.io`,
+    /// `ghcr.io`, `registry.example:5000`), in the spirit of containerd's `hosts.toml`.
+    pub registries: BTreeMap<String, RegistryConfig>,
+}
+
+/// `[pull]`: how images are pulled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// A pull (resolve, every layer, commit) that takes longer fails with `PULL_TIMEOUT`.
+    pub timeout_seconds: f64,
+    /// Layer downloads running at once, over all pulls.
+    pub max_concurrent_downloads: usize,
+    /// Docker `config.json` to read registry credentials from (`auths`); default `$DOCKER_CONFIG/config.json`,
+    /// else `~/.docker/config.json` of the daemon's user. A missing file means anonymous pulls.
+    pub docker_config: Option<PathBuf>,
+    /// Attempts per layer download (resuming where the last one stopped) before the pull fails.
+    pub download_attempts: u32,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: 1800.0,
+            max_concurrent_downloads: 3,
+            docker_config: None,
+            download_attempts: 3,
+        }
+    }
+}
+
+/// `[registries."<host>"]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Mirrors tried in order before the registry itself: `http://127.0.0.1:5000`, `https://mirror.example`, or a
+    /// bare `host[:port]` (HTTPS, or plain HTTP on loopback).
+    pub mirrors: Vec<String>,
+    /// Talk plain HTTP to this registry (registries on loopback addresses always do, as in Docker).
+    pub insecure: bool,
 }
 
 impl Default for Config {
@@ -67,6 +110,8 @@ impl Default for Config {
             stop_grace_seconds: 10.0,
             exec_max_output_bytes: 16 << 20,
             warm_pool: 2,
+            pull: PullConfig::default(),
+            registries: BTreeMap::new(),
         }
     }
 }
@@ -112,6 +157,33 @@ impl Config {
         if self.warm_pool > 64 {
             return Err(ConfigError::Invalid("warm_pool must be at most 64".into()));
         }
+        if !(self.pull.timeout_seconds.is_finite() && self.pull.timeout_seconds > 0.0) {
+            return Err(ConfigError::Invalid(
+                "pull.timeout_seconds must be > 0".into(),
+            ));
+        }
+        if !(1..=64).contains(&self.pull.max_concurrent_downloads) {
+            return Err(ConfigError::Invalid(
+                "pull.max_concurrent_downloads must be 1 to 64".into(),
+            ));
+        }
+        if !(1..=20).contains(&self.pull.download_attempts) {
+            return Err(ConfigError::Invalid(
+                "pull.download_attempts must be 1 to 20".into(),
+            ));
+        }
+        for (host, r) in &self.registries {
+            if host.is_empty() || host.contains(['/', ' ']) {
+                return Err(ConfigError::Invalid(format!(
+                    "registries.{host:?}: the key must be a registry host[:port] such as \"docker.io\""
+                )));
+            }
+            for m in &r.mirrors {
+                crate::pull::Endpoint::mirror(m).map_err(|e| {
+                    ConfigError::Invalid(format!("registries.{host:?}.mirrors: {e}"))
+                })?;
+            }
+        }
         if !(self.stop_grace_seconds.is_finite() && self.stop_grace_seconds >= 0.0) {
             return Err(ConfigError::Invalid(
                 "stop_grace_seconds must be >= 0".into(),
@@ -138,5 +210,17 @@ mod tests {
         assert!(Config::parse("uid_base = 0", "x").is_err());
         assert!(Config::parse("uid_base = 4294000000", "x").is_err());
         assert!(Config::parse("state_dir = \"rel\"", "x").is_err());
+        let c = Config::parse(
+            "[pull]\ntimeout_seconds = 60\nmax_concurrent_downloads = 4\n\n[registries.\"docker.io\"]\nmirrors = [\"http://127.0.0.1:5000\"]\n\n[registries.\"registry.example:5000\"]\ninsecure = true\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.pull.max_concurrent_downloads, 4);
+        assert_eq!(c.registries["docker.io"].mirrors, ["http://127.0.0.1:5000"]);
+        assert!(c.registries["registry.example:5000"].insecure);
+        assert!(
+            Config::parse("[registries.\"docker.io\"]\nmirrors = [\"ftp://x\"]\n", "x").is_err()
+        );
+        assert!(Config::parse("[pull]\nmax_concurrent_downloads = 0\n", "x").is_err());
     }
 }

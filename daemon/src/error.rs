@@ -35,14 +35,29 @@ pub fn internal(context: &str, e: impl std::fmt::Display) -> ApiError {
 /// Maps an image-store error to its API error.
 pub fn image_error(e: sandbox_runtime::image::ImageError) -> ApiError {
     use sandbox_runtime::image::ImageError as E;
-    let code = match &e {
-        E::NotFound(_) => ErrorCode::ImageNotFound,
-        E::DigestMismatch { .. } => ErrorCode::DigestMismatch,
-        E::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-            ErrorCode::ResourceExhausted
-        }
-        E::Io { .. } => ErrorCode::Internal,
-        _ => ErrorCode::InvalidImage,
+    if e.is_no_space() {
+        return ApiError::new(ErrorCode::ResourceExhausted, format!("disk full: {e}"))
+            .with_details(serde_json::json!({ "resource": "disk" }));
+    }
+    let (code, details) = match &e {
+        E::NotFound(_) => (ErrorCode::ImageNotFound, None),
+        E::DigestMismatch { .. } => (ErrorCode::DigestMismatch, None),
+        E::HostileEntry { entry, .. } => (
+            ErrorCode::HostileLayer,
+            Some(serde_json::json!({ "entry": entry })),
+        ),
+        E::PlatformNotFound {
+            wanted, available, ..
+        } => (
+            ErrorCode::PlatformNotFound,
+            Some(serde_json::json!({ "platform": wanted, "available": available })),
+        ),
+        E::Io { .. } => (ErrorCode::Internal, None),
+        _ => (ErrorCode::InvalidImage, None),
     };
-    ApiError::new(code, e.to_string())
+    let err = ApiError::new(code, e.to_string());
+    match details {
+        Some(d) => err.with_details(d),
+        None => err,
+    }
 }

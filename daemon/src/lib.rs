@@ -10,4 +10,5 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod manager;
+pub mod pull;
 pub mod time;

@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use sandbox_proto::{
-    quantity, ApiError, CreateSandboxRequest, ErrorCode, ExecRequest, ExecResult, ExitInfo,
-    ImageInfo, ImageRef, ImportImageRequest, LogsResult, ResourceLimits, SandboxInfo,
+    quantity, ApiError, CreateSandboxRequest, DiskUsage, ErrorCode, ExecRequest, ExecResult,
+    ExitInfo, ImageInfo, ImageRef, ImageUsage, ImportImageRequest, LogsResult, PruneImagesRequest,
+    PruneReport, PullImageRequest, PullPolicy, PullResult, ResourceLimits, SandboxInfo,
     SandboxStatus, WaitCondition,
 };
 use sandbox_runtime::cgroups::{CgroupManager, Limits, SandboxCgroup};
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{image_error, internal};
+use crate::pull::{Puller, Subscription};
 
 /// How long a supervisor may take to report that its sandbox started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -151,7 +153,8 @@ pub struct Manager {
     cfg: Config,
     exe: PathBuf,
     root: PathBuf,
-    images: Arc<StdMutex<ImageStore>>,
+    images: Arc<ImageStore>,
+    puller: Arc<Puller>,
     cgroups: Arc<CgroupManager>,
     sandboxes: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
     counter: AtomicU64,
@@ -261,6 +264,11 @@ impl Manager {
             .map_err(|e| anyhow_like::Error(format!("creating {}: {e}", root.display())))?;
         let images = ImageStore::open(&cfg.state_dir.join("images"))
             .map_err(|e| anyhow_like::Error(format!("opening the image store: {e}")))?;
+        let images = Arc::new(images);
+        let puller = Arc::new(
+            Puller::new(images.clone(), &cfg)
+                .map_err(|e| anyhow_like::Error(format!("setting up image pulls: {e}")))?,
+        );
         let cgroups = CgroupManager::new(&cfg.cgroup_parent).map_err(|e| {
             anyhow_like::Error(format!(
                 "setting up the cgroup parent {:?}: {e}",
@@ -271,7 +279,8 @@ impl Manager {
             cfg,
             exe,
             root,
-            images: Arc::new(StdMutex::new(images)),
+            images,
+            puller,
             cgroups: Arc::new(cgroups),
             sandboxes: tokio::sync::Mutex::new(BTreeMap::new()),
             counter: AtomicU64::new(0),
@@ -466,7 +475,7 @@ impl Manager {
     async fn collect_images(&self) {
         let in_use = self.images_in_use().await;
         let images = self.images.clone();
-        let res = tokio::task::spawn_blocking(move || lock(&images).collect_garbage(&in_use)).await;
+        let res = tokio::task::spawn_blocking(move || images.collect_garbage(&in_use)).await;
         if let Ok(Err(e)) = res {
             tracing::warn!("image garbage collection: {e}");
         }
@@ -570,7 +579,7 @@ impl Manager {
         }
 
         let canonical = image_ref.canonical();
-        let image = self.resolve_image(&canonical).await?;
+        let image = self.ensure_image(&canonical, req.pull).await?;
         let cfg = &image.config;
         let argv: Vec<String> = match (&req.command, req.use_image_command) {
             (Some(cmd), _) => cfg.entrypoint.iter().chain(cmd.iter()).cloned().collect(),
@@ -746,16 +755,39 @@ impl Manager {
         Ok((entry, rec))
     }
 
+    /// The stored image for `canonical`, pulled first as `policy` says.
+    async fn ensure_image(
+        &self,
+        canonical: &str,
+        policy: PullPolicy,
+    ) -> Result<StoredImage, ApiError> {
+        match policy {
+            PullPolicy::Never => self.resolve_image(canonical).await,
+            PullPolicy::Missing => match self.resolve_image(canonical).await {
+                Err(e) if e.code == ErrorCode::ImageNotFound => {
+                    tracing::info!(image = %canonical, "image not stored; pulling it");
+                    self.puller.pull(canonical, None).await?;
+                    self.resolve_image(canonical).await
+                }
+                other => other,
+            },
+            PullPolicy::Always => {
+                self.puller.pull(canonical, None).await?;
+                self.resolve_image(canonical).await
+            }
+        }
+    }
+
     async fn resolve_image(&self, canonical: &str) -> Result<StoredImage, ApiError> {
         let images = self.images.clone();
         let r = canonical.to_owned();
-        let found = tokio::task::spawn_blocking(move || lock(&images).resolve(&r))
+        let found = tokio::task::spawn_blocking(move || images.resolve(&r))
             .await
             .map_err(|e| internal("image lookup", e))?;
         found.map_err(|e| match e {
             sandbox_runtime::image::ImageError::NotFound(_) => ApiError::new(
                 ErrorCode::ImageNotFound,
-                format!("image {canonical} is not stored here; import or pull it first"),
+                format!("image {canonical} is not stored here (pull policy \"never\"); import or pull it first"),
             ),
             other => image_error(other),
         })
@@ -792,7 +824,7 @@ impl Manager {
         entry.update(|r| r.cgroup = Some(cgroup.clone()));
 
         let (images, img) = (self.images.clone(), image.clone());
-        let layers = tokio::task::spawn_blocking(move || lock(&images).layer_dirs(&img))
+        let layers = tokio::task::spawn_blocking(move || images.layer_dirs(&img))
             .await
             .map_err(|e| internal("image layers", e))?;
         let spec = SandboxSpec {
@@ -1153,7 +1185,7 @@ impl Manager {
         // Only an image that lost its last name while this sandbox ran can have become garbage.
         let digest = entry.snapshot().image_digest;
         let images = self.images.clone();
-        let named = tokio::task::spawn_blocking(move || lock(&images).resolve(&digest).is_ok())
+        let named = tokio::task::spawn_blocking(move || images.resolve(&digest).is_ok())
             .await
             .unwrap_or(true);
         if !named {
@@ -1302,7 +1334,7 @@ impl Manager {
                     .map(|r| r.canonical())
                     .map_err(|e| e.message)
             };
-            lock(&images).import(&path, reference.as_deref(), &norm)
+            images.import(&path, reference.as_deref(), &norm)
         })
         .await
         .map_err(|e| internal("import", e))?
@@ -1312,10 +1344,94 @@ impl Manager {
         Ok(image_info(&img))
     }
 
+    /// Pulls an image (joining a pull of the same reference in progress) and answers once it is stored.
+    pub async fn pull_image(&self, req: PullImageRequest) -> Result<PullResult, ApiError> {
+        let res = self
+            .puller
+            .pull(&req.reference, req.platform.as_deref())
+            .await;
+        if res.is_ok() {
+            // The reference may have moved off an older image.
+            self.collect_images().await;
+        }
+        res
+    }
+
+    /// Starts (or joins) a pull and answers its progress stream.
+    pub fn pull_image_events(
+        self: &Arc<Self>,
+        req: &PullImageRequest,
+    ) -> Result<Subscription, ApiError> {
+        let sub = self
+            .puller
+            .subscribe(&req.reference, req.platform.as_deref())?;
+        let mut outcome = sub.result.clone();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let ok = match outcome.wait_for(Option::is_some).await {
+                Ok(r) => matches!(*r, Some(Ok(_))),
+                Err(_) => false,
+            };
+            if ok {
+                this.collect_images().await;
+            }
+        });
+        Ok(sub)
+    }
+
+    /// Removes unreferenced content (with `all`, also every image no sandbox uses).
+    pub async fn prune_images(&self, req: PruneImagesRequest) -> Result<PruneReport, ApiError> {
+        let in_use = self.images_in_use().await;
+        let images = self.images.clone();
+        let r = tokio::task::spawn_blocking(move || images.prune(req.all, &in_use))
+            .await
+            .map_err(|e| internal("prune", e))?
+            .map_err(image_error)?;
+        Ok(PruneReport {
+            images_removed: r.images_removed,
+            blobs_removed: r.blobs_removed,
+            layers_removed: r.layers_removed,
+            reclaimed_bytes: r.reclaimed_bytes,
+        })
+    }
+
+    /// Disk used by the image store.
+    pub async fn disk_usage(&self) -> Result<DiskUsage, ApiError> {
+        let in_use = self.images_in_use().await;
+        let mut users: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for e in self.sandboxes.lock().await.values() {
+            let r = e.snapshot();
+            *users.entry(r.image_digest.clone()).or_insert(0) += 1;
+        }
+        let images = self.images.clone();
+        let u = tokio::task::spawn_blocking(move || images.usage(&in_use))
+            .await
+            .map_err(|e| internal("disk usage", e))?
+            .map_err(image_error)?;
+        Ok(DiskUsage {
+            images: u
+                .images
+                .into_iter()
+                .map(|i| ImageUsage {
+                    sandboxes: users.get(&i.digest).copied().unwrap_or(0),
+                    references: i.references,
+                    digest: i.digest,
+                    total_bytes: i.total_bytes,
+                    unique_bytes: i.unique_bytes,
+                })
+                .collect(),
+            blobs: u.blobs,
+            blob_bytes: u.blob_bytes,
+            layers: u.layers,
+            layer_bytes: u.layer_bytes,
+            reclaimable_bytes: u.reclaimable_bytes,
+        })
+    }
+
     /// All stored images.
     pub async fn images(&self) -> Result<Vec<ImageInfo>, ApiError> {
         let images = self.images.clone();
-        let list = tokio::task::spawn_blocking(move || lock(&images).list())
+        let list = tokio::task::spawn_blocking(move || images.list())
             .await
             .map_err(|e| internal("images", e))?
             .map_err(image_error)?;
@@ -1336,7 +1452,7 @@ impl Manager {
     pub async fn image(&self, reference: &str) -> Result<ImageInfo, ApiError> {
         let key = Self::image_key(reference);
         let images = self.images.clone();
-        let img = tokio::task::spawn_blocking(move || lock(&images).resolve(&key))
+        let img = tokio::task::spawn_blocking(move || images.resolve(&key))
             .await
             .map_err(|e| internal("image", e))?
             .map_err(image_error)?;
@@ -1348,7 +1464,7 @@ impl Manager {
         let key = Self::image_key(reference);
         let images = self.images.clone();
         let k = key.clone();
-        let img = tokio::task::spawn_blocking(move || lock(&images).resolve(&k))
+        let img = tokio::task::spawn_blocking(move || images.resolve(&k))
             .await
             .map_err(|e| internal("image", e))?
             .map_err(image_error)?;
@@ -1375,11 +1491,10 @@ impl Manager {
         // Even forced, the content of an image that live sandboxes run on stays until they are gone.
         let in_use = self.images_in_use().await;
         let images = self.images.clone();
-        let removed =
-            tokio::task::spawn_blocking(move || lock(&images).remove_keeping(&key, &in_use))
-                .await
-                .map_err(|e| internal("image remove", e))?
-                .map_err(image_error)?;
+        let removed = tokio::task::spawn_blocking(move || images.remove_keeping(&key, &in_use))
+            .await
+            .map_err(|e| internal("image remove", e))?
+            .map_err(image_error)?;
         Ok(image_info(&removed))
     }
 
@@ -1504,6 +1619,7 @@ fn image_info(img: &StoredImage) -> ImageInfo {
         created: img.created.clone(),
         platform: img.platform.clone(),
         layers: img.layers.clone(),
+        repo_digests: img.repo_digests.clone(),
     }
 }
 

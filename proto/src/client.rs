@@ -16,8 +16,9 @@ use serde::Serialize;
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::types::{
-    CreateSandboxRequest, ExecRequest, ExecResult, ImageInfo, ImageList, ImportImageRequest,
-    LogsResult, SandboxInfo, SandboxList, SandboxStatus, StopRequest, VersionInfo, WaitRequest,
+    CreateSandboxRequest, DiskUsage, ExecRequest, ExecResult, ImageInfo, ImageList,
+    ImportImageRequest, LogsResult, PruneImagesRequest, PruneReport, PullEvent, PullImageRequest,
+    PullResult, SandboxInfo, SandboxList, SandboxStatus, StopRequest, VersionInfo, WaitRequest,
 };
 use crate::{API_PREFIX, DEFAULT_SOCKET, SOCKET_ENV};
 
@@ -287,6 +288,85 @@ impl Client {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// `POST /v1/images/pull`: pulls (or refreshes) an image from its registry and answers once it is stored.
+    pub async fn pull_image(&self, req: &PullImageRequest) -> Result<PullResult, ClientError> {
+        self.call(Method::POST, "/images/pull".into(), Some(req))
+            .await
+    }
+
+    /// `POST /v1/images/pull?progress=true`: like [`Client::pull_image`], calling `on_event` for every progress
+    /// line as it arrives (the final `done` or `error` line included).
+    pub async fn pull_image_progress(
+        &self,
+        req: &PullImageRequest,
+        mut on_event: impl FnMut(&PullEvent),
+    ) -> Result<PullResult, ClientError> {
+        let body = serde_json::to_vec(req)
+            .map_err(|e| ClientError::Protocol(format!("cannot encode request: {e}")))?;
+        let full = format!("{API_PREFIX}/images/pull?progress=true");
+        let (status, mut incoming) = self.send(Method::POST, &full, Some(body)).await?;
+        if !(200..300).contains(&status) {
+            let bytes = incoming
+                .collect()
+                .await
+                .map_err(|e| http_error("reading the answer", e))?
+                .to_bytes();
+            return Err(decode_error(status, &bytes));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let mut outcome: Option<Result<PullResult, ClientError>> = None;
+        loop {
+            let frame = match incoming.frame().await {
+                Some(f) => f.map_err(|e| http_error("reading the progress stream", e))?,
+                None => break,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(nl) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let event: PullEvent = serde_json::from_slice(line).map_err(|e| {
+                    ClientError::Protocol(format!(
+                        "invalid progress line from {full}: {e}: {}",
+                        snippet(line)
+                    ))
+                })?;
+                on_event(&event);
+                match event {
+                    PullEvent::Done(r) => outcome = Some(Ok(r)),
+                    PullEvent::Error { error } => {
+                        let status = error.code.http_status();
+                        outcome = Some(Err(ClientError::Api { status, error }));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        outcome.unwrap_or_else(|| {
+            Err(ClientError::Protocol(format!(
+                "the progress stream of {full} ended without a result"
+            )))
+        })
+    }
+
+    /// `POST /v1/images/prune`: removes unreferenced content (and, with `all`, every image no sandbox uses).
+    pub async fn prune_images(&self, all: bool) -> Result<PruneReport, ClientError> {
+        let req = PruneImagesRequest { all };
+        self.call(Method::POST, "/images/prune".into(), Some(&req))
+            .await
+    }
+
+    /// `GET /v1/system/df`: disk used by the image store.
+    pub async fn image_usage(&self) -> Result<DiskUsage, ClientError> {
+        self.call(Method::GET, "/system/df".into(), None::<&()>)
+            .await
+    }
+
     /// One raw exchange: `path_and_query` is the full path (with `/v1`). Answers the status and body
     /// whatever the status. For tests and tools; the typed methods are the API.
     pub async fn request_raw(
@@ -343,6 +423,22 @@ impl Client {
         path_and_query: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), ClientError> {
+        let (status, incoming) = self.send(method, path_and_query, body).await?;
+        let bytes = incoming
+            .collect()
+            .await
+            .map_err(|e| http_error("reading the answer", e))?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Sends one request and answers the status and the body, still to be read.
+    async fn send(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, hyper::body::Incoming), ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|source| ClientError::Connect {
@@ -375,16 +471,11 @@ impl Client {
             .await
             .map_err(|e| http_error("request", e))?;
         let status = resp.status().as_u16();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http_error("reading the answer", e))?
-            .to_bytes();
         drop(sender);
-        // The answer is complete; the driver finishes on its own. Not awaiting it saves a wakeup.
+        // The connection task finishes on its own once the body has been read (or dropped). Not awaiting it
+        // saves a wakeup.
         drop(driver);
-        Ok((status, bytes))
+        Ok((status, resp.into_body()))
     }
 }
 
@@ -529,6 +620,30 @@ impl BlockingClient {
     /// See [`Client::remove_image`].
     pub fn remove_image(&self, reference: &str, force: bool) -> Result<ImageInfo, ClientError> {
         self.block_on(self.inner.remove_image(reference, force))
+    }
+
+    /// See [`Client::pull_image`].
+    pub fn pull_image(&self, req: &PullImageRequest) -> Result<PullResult, ClientError> {
+        self.block_on(self.inner.pull_image(req))
+    }
+
+    /// See [`Client::pull_image_progress`].
+    pub fn pull_image_progress(
+        &self,
+        req: &PullImageRequest,
+        on_event: impl FnMut(&PullEvent),
+    ) -> Result<PullResult, ClientError> {
+        self.block_on(self.inner.pull_image_progress(req, on_event))
+    }
+
+    /// See [`Client::prune_images`].
+    pub fn prune_images(&self, all: bool) -> Result<PruneReport, ClientError> {
+        self.block_on(self.inner.prune_images(all))
+    }
+
+    /// See [`Client::image_usage`].
+    pub fn image_usage(&self) -> Result<DiskUsage, ClientError> {
+        self.block_on(self.inner.image_usage())
     }
 
     /// See [`Client::request_raw`].

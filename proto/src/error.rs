@@ -34,6 +34,18 @@ pub enum ErrorCode {
     WaitTimeout,
     /// Out of a resource: uid ranges, disk, pids.
     ResourceExhausted,
+    /// The registry (and every mirror) could not be reached: connection refused, DNS, TLS.
+    RegistryUnreachable,
+    /// The registry answered, but not as the distribution spec says: a 5xx, a truncated or broken body.
+    RegistryError,
+    /// The registry refused our (anonymous or configured) credentials.
+    RegistryUnauthorized,
+    /// The image exists, but has no manifest for the requested (or the host's) platform.
+    PlatformNotFound,
+    /// A pull ran past the configured pull timeout; nothing was committed for the unfinished part.
+    PullTimeout,
+    /// A layer holds an entry that would escape its root (or is otherwise unsafe); `details.entry` names it.
+    HostileLayer,
     /// A bug or an unexpected host failure.
     Internal,
     /// Unknown route.
@@ -51,7 +63,11 @@ impl ErrorCode {
             | Self::SandboxRunning
             | Self::NameConflict
             | Self::ImageInUse => 409,
-            Self::DigestMismatch => 422,
+            Self::DigestMismatch | Self::HostileLayer => 422,
+            Self::PlatformNotFound => 404,
+            Self::RegistryUnauthorized => 403,
+            Self::RegistryUnreachable | Self::RegistryError => 502,
+            Self::PullTimeout => 504,
             Self::ResourceExhausted => 507,
             Self::StartFailed | Self::Internal => 500,
         }
@@ -74,6 +90,12 @@ impl ErrorCode {
             Self::ExecTimeout => "EXEC_TIMEOUT",
             Self::WaitTimeout => "WAIT_TIMEOUT",
             Self::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Self::RegistryUnreachable => "REGISTRY_UNREACHABLE",
+            Self::RegistryError => "REGISTRY_ERROR",
+            Self::RegistryUnauthorized => "REGISTRY_UNAUTHORIZED",
+            Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
+            Self::PullTimeout => "PULL_TIMEOUT",
+            Self::HostileLayer => "HOSTILE_LAYER",
             Self::Internal => "INTERNAL",
             Self::NotFound => "NOT_FOUND",
         }

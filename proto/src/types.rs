@@ -130,6 +130,29 @@ pub struct CreateSandboxRequest {
     /// Remove the sandbox (state, logs) as soon as its main process has exited and been waited for.
     #[serde(default)]
     pub auto_remove: bool,
+    /// When to pull the image from its registry (default: only when it is not stored here).
+    #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
+    pub pull: PullPolicy,
+}
+
+/// When `POST /v1/sandboxes` pulls its image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Pull only if no image of that reference is stored (Docker's `missing`).
+    #[default]
+    Missing,
+    /// Always ask the registry for the reference first (new layers are downloaded, present ones are not).
+    Always,
+    /// Never pull; a missing image is `IMAGE_NOT_FOUND`.
+    Never,
+}
+
+impl PullPolicy {
+    /// Whether this is the default policy (`missing`).
+    pub fn is_default(&self) -> bool {
+        *self == Self::Missing
+    }
 }
 
 /// How the main process ended.
@@ -417,6 +440,149 @@ pub struct ImageInfo {
     pub platform: String,
     /// Layer (diff id) digests, bottom first.
     pub layers: Vec<String>,
+    /// `name@digest` for each repository this image was pulled from, with the digest the registry serves it under
+    /// (the index digest for a multi-platform image), as Docker's RepoDigests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repo_digests: Vec<String>,
+}
+
+/// Body of `POST /v1/images/pull`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullImageRequest {
+    /// Image reference as Docker reads it: `python:3.11` is `docker.io/library/python:3.11`; a tag or
+    /// `@sha256:<digest>` may be given.
+    pub reference: String,
+    /// `os/arch[/variant]` to choose from a multi-platform index (default: the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform: Option<String>,
+}
+
+/// What a layer of a pull is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerStatus {
+    /// Queued behind the concurrent download limit.
+    Waiting,
+    /// Bytes are arriving (and being unpacked as they arrive).
+    Downloading,
+    /// Already stored (unpacked): nothing is downloaded for it.
+    Exists,
+    /// Downloaded, verified and unpacked.
+    Done,
+}
+
+/// Progress of one layer of a pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerProgress {
+    /// Digest of the (compressed) layer blob.
+    pub digest: String,
+    /// Size of the blob in bytes, from the manifest.
+    pub size: u64,
+    /// What the layer is doing.
+    pub status: LayerStatus,
+    /// Bytes downloaded so far.
+    pub downloaded: u64,
+}
+
+/// The outcome of a pull.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullResult {
+    /// The image as stored.
+    pub image: ImageInfo,
+    /// The digest the registry resolved the reference to (the index digest for a multi-platform image).
+    pub resolved_digest: String,
+    /// Bytes downloaded by this pull (0 when everything was present).
+    pub downloaded_bytes: u64,
+    /// Layers downloaded by this pull.
+    pub layers_downloaded: u32,
+    /// Layers that were already stored.
+    pub layers_present: u32,
+    /// True when this request joined a pull of the same reference already in progress.
+    #[serde(default)]
+    pub joined: bool,
+}
+
+/// One line of the `application/x-ndjson` answer of `POST /v1/images/pull?progress=true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PullEvent {
+    /// The reference was resolved to a manifest for the chosen platform.
+    Resolved {
+        /// The normalised reference.
+        reference: String,
+        /// The digest the registry serves the reference under (index or manifest).
+        resolved_digest: String,
+        /// The manifest digest for the chosen platform.
+        digest: String,
+        /// The chosen platform.
+        platform: String,
+        /// The layers, bottom first.
+        layers: Vec<LayerProgress>,
+    },
+    /// A layer changed status or made progress.
+    Layer(LayerProgress),
+    /// The pull succeeded (last line).
+    Done(PullResult),
+    /// The pull failed (last line).
+    Error {
+        /// Why.
+        error: crate::ApiError,
+    },
+}
+
+/// Body of `POST /v1/images/prune`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneImagesRequest {
+    /// Also remove named images that no sandbox uses (Docker's `image prune --all`).
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// What a prune removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneReport {
+    /// Manifest digests of the images removed.
+    pub images_removed: Vec<String>,
+    /// Blobs removed.
+    pub blobs_removed: u64,
+    /// Unpacked layers removed.
+    pub layers_removed: u64,
+    /// Disk space freed, in bytes.
+    pub reclaimed_bytes: u64,
+}
+
+/// Disk used by one image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageUsage {
+    /// Normalised references (empty for an image kept only because a sandbox uses it).
+    pub references: Vec<String>,
+    /// Manifest digest.
+    pub digest: String,
+    /// Bytes of blobs and unpacked layers this image uses, shared ones included.
+    pub total_bytes: u64,
+    /// Bytes used by this image only (freed if it alone is removed).
+    pub unique_bytes: u64,
+    /// Number of live sandboxes that use it.
+    pub sandboxes: u64,
+}
+
+/// Body of `GET /v1/system/df`: disk used by the image store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    /// Per image.
+    pub images: Vec<ImageUsage>,
+    /// Blobs stored (manifests, configs, compressed layers).
+    pub blobs: u64,
+    /// Bytes of all blobs.
+    pub blob_bytes: u64,
+    /// Unpacked layers stored.
+    pub layers: u64,
+    /// Bytes of all unpacked layers (allocated blocks).
+    pub layer_bytes: u64,
+    /// Bytes a `prune` would free now.
+    pub reclaimable_bytes: u64,
 }
 
 /// Body of `GET /v1/images`.

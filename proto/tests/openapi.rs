@@ -1,7 +1,11 @@
 //! Checks that `openapi.yaml` documents exactly the API: its routes, and, for every wire type, the field
-//! names and enum values serde produces. Simple line parsing; no YAML parser.
+//! names, required fields and enum values serde produces. Simple line parsing; no YAML parser.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use sandbox_proto::client::openapi_routes;
 use sandbox_proto::*;
@@ -14,6 +18,7 @@ fn route(m: &str, p: &str) -> (String, String) {
 fn routes_are_exactly_the_api() {
     let expected: BTreeSet<(String, String)> = [
         route("GET", "/v1/version"),
+        route("GET", "/v1/system/df"),
         route("POST", "/v1/sandboxes"),
         route("GET", "/v1/sandboxes"),
         route("GET", "/v1/sandboxes/{id}"),
@@ -23,6 +28,8 @@ fn routes_are_exactly_the_api() {
         route("POST", "/v1/sandboxes/{id}/exec"),
         route("GET", "/v1/sandboxes/{id}/logs"),
         route("POST", "/v1/images/import"),
+        route("POST", "/v1/images/pull"),
+        route("POST", "/v1/images/prune"),
         route("GET", "/v1/images"),
         route("GET", "/v1/images/{ref}"),
         route("DELETE", "/v1/images/{ref}"),
@@ -111,30 +118,107 @@ fn enum_values(name: &str) -> Vec<String> {
     out
 }
 
-fn keys(v: &impl serde::Serialize) -> BTreeSet<String> {
+/// The lines of property `prop` of schema `name` (everything indented deeper than the property's key).
+fn property_block(name: &str, prop: &str) -> Vec<&'static str> {
+    let key = format!("        {prop}:");
+    let mut lines = schema_block(name).into_iter();
+    let mut found = false;
+    for l in lines.by_ref() {
+        if l == key {
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "schema {name} has no property {prop}");
+    lines
+        .take_while(|l| l.trim().is_empty() || l.starts_with("          "))
+        .collect()
+}
+
+/// Whether an object schema says `additionalProperties: false` (at its top level).
+fn closed(name: &str) -> bool {
+    schema_block(name).contains(&"      additionalProperties: false")
+}
+
+/// Names of the schemas some check below has compared with serde (see `every_schema_is_checked`).
+static CHECKED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+fn checked(name: &str) {
+    CHECKED.lock().unwrap().insert(name.to_owned());
+}
+
+fn json_object(v: &impl Serialize) -> serde_json::Map<String, serde_json::Value> {
     match serde_json::to_value(v).expect("serialise") {
-        serde_json::Value::Object(m) => m.keys().cloned().collect(),
+        serde_json::Value::Object(m) => m,
         other => panic!("not an object: {other}"),
     }
 }
 
-fn wire(v: &impl serde::Serialize) -> String {
+fn keys(v: &impl Serialize) -> BTreeSet<String> {
+    json_object(v).keys().cloned().collect()
+}
+
+fn wire(v: &impl Serialize) -> String {
     match serde_json::to_value(v).expect("serialise") {
         serde_json::Value::String(s) => s,
         other => panic!("not a string: {other}"),
     }
 }
 
-/// Checks the documented properties equal the serialised keys of a fully populated value, and that the
-/// documented required fields are exactly those serde always writes (the keys of a minimal value).
-fn check_object(name: &str, full: &impl serde::Serialize, minimal: &impl serde::Serialize) {
+/// The keys of `full`'s JSON without which `T` does not deserialise.
+fn needed_keys<T: Serialize + DeserializeOwned>(full: &T) -> BTreeSet<String> {
+    let obj = json_object(full);
+    obj.keys()
+        .filter(|k| {
+            let mut less = obj.clone();
+            less.remove(*k);
+            serde_json::from_value::<T>(serde_json::Value::Object(less)).is_err()
+        })
+        .cloned()
+        .collect()
+}
+
+/// Checks an object schema against serde:
+/// - the documented properties equal the serialised keys of a fully populated value;
+/// - the documented required fields include every field serde cannot do without when reading, and are
+///   all always written (the keys of a minimal value); for a request body (`additionalProperties: false`)
+///   they are exactly the fields serde cannot do without;
+/// - `additionalProperties: false` is documented exactly when serde refuses unknown fields.
+fn check_object<T: Serialize + DeserializeOwned>(name: &str, full: &T, minimal: &T) {
+    checked(name);
     assert_eq!(properties(name), keys(full), "properties of schema {name}");
+    serde_json::from_value::<T>(serde_json::to_value(full).unwrap())
+        .unwrap_or_else(|e| panic!("schema {name}: the full value does not read back: {e}"));
     let always: BTreeSet<String> = keys(minimal);
+    let needed = needed_keys(full);
     let req = required(name);
     assert!(
         req.is_subset(&always),
         "schema {name}: required {req:?} not always written ({always:?})"
     );
+    assert!(
+        needed.is_subset(&req),
+        "schema {name}: serde needs {needed:?}, the schema requires only {req:?}"
+    );
+    let mut extra = json_object(full);
+    extra.insert("x_unknown_field".into(), serde_json::Value::Bool(true));
+    let refuses_unknown = serde_json::from_value::<T>(serde_json::Value::Object(extra)).is_err();
+    assert_eq!(
+        closed(name),
+        refuses_unknown,
+        "schema {name}: additionalProperties: false iff serde denies unknown fields"
+    );
+    if refuses_unknown {
+        assert_eq!(req, needed, "request schema {name}: required fields");
+    }
+}
+
+/// Checks a string enum schema lists exactly these values, in this order, as serde writes them.
+fn check_enum<T: Serialize>(name: &str, values: &[T]) -> Vec<String> {
+    checked(name);
+    let w: Vec<String> = values.iter().map(wire).collect();
+    assert_eq!(enum_values(name), w, "values of enum schema {name}");
+    w
 }
 
 fn full_sandbox() -> SandboxInfo {
@@ -185,6 +269,27 @@ fn full_image() -> ImageInfo {
         created: Some("t".into()),
         platform: "linux/amd64".into(),
         layers: vec!["l".into()],
+        repo_digests: vec!["docker.io/library/busybox@sha256:00".into()],
+    }
+}
+
+fn full_layer() -> LayerProgress {
+    LayerProgress {
+        digest: "sha256:01".into(),
+        size: 10,
+        status: LayerStatus::Downloading,
+        downloaded: 5,
+    }
+}
+
+fn full_pull_result() -> PullResult {
+    PullResult {
+        image: full_image(),
+        resolved_digest: "sha256:02".into(),
+        downloaded_bytes: 10,
+        layers_downloaded: 1,
+        layers_present: 1,
+        joined: true,
     }
 }
 
@@ -208,6 +313,7 @@ fn object_schemas_match_serde() {
         resources: full_resources,
         tags: vec!["t".into()],
         auto_remove: true,
+        pull: PullPolicy::Always,
     };
     check_object(
         "CreateSandboxRequest",
@@ -282,6 +388,7 @@ fn object_schemas_match_serde() {
     );
     let minimal_image = ImageInfo {
         created: None,
+        repo_digests: vec![],
         ..full_image()
     };
     check_object("ImageInfo", &full_image(), &minimal_image);
@@ -289,6 +396,56 @@ fn object_schemas_match_serde() {
         images: vec![full_image()],
     };
     check_object("ImageList", &images, &images);
+    check_object(
+        "PullImageRequest",
+        &PullImageRequest {
+            reference: "python:3.11".into(),
+            platform: Some("linux/arm64/v8".into()),
+        },
+        &PullImageRequest::default(),
+    );
+    check_object("LayerProgress", &full_layer(), &full_layer());
+    let minimal_pull = PullResult {
+        joined: false,
+        ..full_pull_result()
+    };
+    check_object("PullResult", &full_pull_result(), &minimal_pull);
+    check_object(
+        "PruneImagesRequest",
+        &PruneImagesRequest { all: true },
+        &PruneImagesRequest::default(),
+    );
+    let report = PruneReport {
+        images_removed: vec!["sha256:03".into()],
+        blobs_removed: 1,
+        layers_removed: 1,
+        reclaimed_bytes: 1,
+    };
+    check_object("PruneReport", &report, &PruneReport::default());
+    let usage = ImageUsage {
+        references: vec!["r".into()],
+        digest: "sha256:04".into(),
+        total_bytes: 2,
+        unique_bytes: 1,
+        sandboxes: 1,
+    };
+    check_object(
+        "ImageUsage",
+        &usage,
+        &ImageUsage {
+            references: vec![],
+            ..usage.clone()
+        },
+    );
+    let df = DiskUsage {
+        images: vec![usage],
+        blobs: 1,
+        blob_bytes: 1,
+        layers: 1,
+        layer_bytes: 1,
+        reclaimable_bytes: 1,
+    };
+    check_object("DiskUsage", &df, &DiskUsage::default());
     let version = VersionInfo {
         version: "0".into(),
         api_version: "v1".into(),
@@ -319,6 +476,12 @@ fn all_error_codes() -> Vec<ErrorCode> {
         ExecTimeout,
         WaitTimeout,
         ResourceExhausted,
+        RegistryUnreachable,
+        RegistryError,
+        RegistryUnauthorized,
+        PlatformNotFound,
+        PullTimeout,
+        HostileLayer,
         Internal,
         NotFound,
     ];
@@ -327,7 +490,8 @@ fn all_error_codes() -> Vec<ErrorCode> {
             InvalidRequest | InvalidArgument | SandboxNotFound | SandboxNotRunning
             | SandboxRunning | NameConflict | ImageNotFound | InvalidImage | DigestMismatch
             | ImageInUse | StartFailed | ExecTimeout | WaitTimeout | ResourceExhausted
-            | Internal | NotFound => {}
+            | RegistryUnreachable | RegistryError | RegistryUnauthorized | PlatformNotFound
+            | PullTimeout | HostileLayer | Internal | NotFound => {}
         }
     }
     all.to_vec()
@@ -356,30 +520,55 @@ fn enum_schemas_match_serde() {
             | SandboxStatus::Terminated => {}
         }
     }
-    let w: Vec<String> = statuses.iter().map(wire).collect();
-    assert_eq!(enum_values("SandboxStatus"), w);
+    check_enum("SandboxStatus", &statuses);
 
-    let w: Vec<String> = [
-        WaitCondition::Exited,
-        WaitCondition::Running,
-        WaitCondition::Removed,
-    ]
-    .iter()
-    .map(wire)
-    .collect();
-    assert_eq!(enum_values("WaitCondition"), w);
+    let w = check_enum(
+        "WaitCondition",
+        &[
+            WaitCondition::Exited,
+            WaitCondition::Running,
+            WaitCondition::Removed,
+        ],
+    );
     assert_eq!(w, ["exited", "running", "removed"]);
 
-    let w: Vec<String> = [OutputEncoding::Utf8, OutputEncoding::Base64]
-        .iter()
-        .map(wire)
-        .collect();
-    assert_eq!(enum_values("OutputEncoding"), w);
+    let w = check_enum(
+        "OutputEncoding",
+        &[OutputEncoding::Utf8, OutputEncoding::Base64],
+    );
     assert_eq!(w, ["utf8", "base64"]);
 
+    let policies = [PullPolicy::Missing, PullPolicy::Always, PullPolicy::Never];
+    for p in policies {
+        match p {
+            PullPolicy::Missing | PullPolicy::Always | PullPolicy::Never => {}
+        }
+    }
+    let w = check_enum("PullPolicy", &policies);
+    assert_eq!(w, ["missing", "always", "never"]);
+    // The default is documented, and is the one serde leaves out.
+    assert!(schema_block("PullPolicy").contains(&"      default: missing"));
+    assert_eq!(PullPolicy::default(), PullPolicy::Missing);
+
+    let layer_statuses = [
+        LayerStatus::Waiting,
+        LayerStatus::Downloading,
+        LayerStatus::Exists,
+        LayerStatus::Done,
+    ];
+    for s in layer_statuses {
+        match s {
+            LayerStatus::Waiting
+            | LayerStatus::Downloading
+            | LayerStatus::Exists
+            | LayerStatus::Done => {}
+        }
+    }
+    let w = check_enum("LayerStatus", &layer_statuses);
+    assert_eq!(w, ["waiting", "downloading", "exists", "done"]);
+
     let codes = all_error_codes();
-    let w: Vec<String> = codes.iter().map(wire).collect();
-    assert_eq!(enum_values("ErrorCode"), w);
+    check_enum("ErrorCode", &codes);
     // The description lists each code with its HTTP status.
     let block = schema_block("ErrorCode").join("\n");
     for c in codes {
@@ -390,6 +579,116 @@ fn enum_schemas_match_serde() {
         );
         assert_eq!(wire(&c), c.as_str());
     }
+}
+
+/// Every progress event, by an exhaustive match: adding a variant breaks this until it is listed here.
+fn all_pull_events() -> Vec<PullEvent> {
+    let all = vec![
+        PullEvent::Resolved {
+            reference: "docker.io/library/python:3.11".into(),
+            resolved_digest: "sha256:05".into(),
+            digest: "sha256:06".into(),
+            platform: "linux/amd64".into(),
+            layers: vec![full_layer()],
+        },
+        PullEvent::Layer(full_layer()),
+        PullEvent::Done(full_pull_result()),
+        PullEvent::Error {
+            error: ApiError::new(ErrorCode::HostileLayer, "m")
+                .with_details(serde_json::json!({"entry": "../x"})),
+        },
+    ];
+    for e in &all {
+        match e {
+            PullEvent::Resolved { .. }
+            | PullEvent::Layer(_)
+            | PullEvent::Done(_)
+            | PullEvent::Error { .. } => {}
+        }
+    }
+    all
+}
+
+/// `PullEvent` is a `oneOf` with a `type` discriminator: one object schema per variant, each with its
+/// `type` as a one-value enum and the variant's fields (flattened for the newtype variants).
+#[test]
+fn pull_event_schema_matches_serde() {
+    checked("PullEvent");
+    let block = schema_block("PullEvent");
+    let one_of: Vec<String> = block
+        .iter()
+        .filter_map(|l| l.strip_prefix("        - $ref: '#/components/schemas/"))
+        .map(|r| r.trim_end_matches('\'').to_owned())
+        .collect();
+    assert!(block.contains(&"      oneOf:"));
+    assert!(block.contains(&"      discriminator:"));
+    assert!(block.contains(&"        propertyName: type"));
+    let mapping: BTreeMap<String, String> = block
+        .iter()
+        .filter(|l| l.starts_with("          ") && !l.starts_with("           "))
+        .filter_map(|l| l.trim().split_once(": '#/components/schemas/"))
+        .map(|(k, v)| (k.to_owned(), v.trim_end_matches('\'').to_owned()))
+        .collect();
+
+    let mut tags = Vec::new();
+    for event in all_pull_events() {
+        let json = serde_json::to_value(&event).unwrap();
+        let tag = json["type"].as_str().expect("a `type` string").to_owned();
+        let schema = mapping
+            .get(&tag)
+            .unwrap_or_else(|| panic!("PullEvent discriminator has no mapping for {tag:?}"));
+        let mut minimal = event.clone();
+        if let PullEvent::Done(r) = &mut minimal {
+            r.joined = false;
+        }
+        check_object(schema, &event, &minimal);
+        assert_eq!(
+            property_block(schema, "type"),
+            [
+                "          type: string",
+                &format!("          enum: [{tag}]")
+            ],
+            "schema {schema}: `type` is the one value {tag:?}"
+        );
+        assert!(required(schema).contains("type"), "{schema} requires type");
+        // A line reads back as the same event.
+        let line = serde_json::to_string(&event).unwrap();
+        assert!(!line.contains('\n'));
+        assert_eq!(serde_json::from_str::<PullEvent>(&line).unwrap(), event);
+        tags.push((tag, schema.clone()));
+    }
+    let mapped: Vec<(String, String)> = mapping.into_iter().collect();
+    let mut sorted_tags = tags.clone();
+    sorted_tags.sort();
+    assert_eq!(mapped, sorted_tags, "discriminator mapping");
+    let listed: Vec<String> = tags.into_iter().map(|(_, s)| s).collect();
+    assert_eq!(
+        one_of, listed,
+        "oneOf lists every variant, in declaration order"
+    );
+}
+
+/// Every schema of the document is compared with serde by one of the checks above.
+#[test]
+fn every_schema_is_checked() {
+    object_schemas_match_serde();
+    enum_schemas_match_serde();
+    pull_event_schema_matches_serde();
+    let checked = CHECKED.lock().unwrap().clone();
+    let mut documented = BTreeSet::new();
+    let mut in_schemas = false;
+    for l in OPENAPI_YAML.lines() {
+        if l == "  schemas:" {
+            in_schemas = true;
+        } else if in_schemas && l.starts_with("    ") && !l.starts_with("     ") {
+            documented.insert(l.trim().trim_end_matches(':').to_owned());
+        }
+    }
+    // `ExecTimeoutDetails` is checked against `LogsResult`, which has the same shape.
+    assert_eq!(
+        documented, checked,
+        "schemas without a serde check (or checks without a schema)"
+    );
 }
 
 #[test]
@@ -406,7 +705,8 @@ fn every_ref_resolves() {
         }
     }
     for l in OPENAPI_YAML.lines() {
-        if let Some(r) = l.trim().strip_prefix("$ref: '#/components/") {
+        // `$ref: '#/...'` and discriminator mappings (`tag: '#/...'`).
+        if let Some((_, r)) = l.split_once("'#/components/") {
             let r = r.trim_end_matches('\'');
             let (kind, name) = r.split_once('/').expect("kind/name");
             let header = format!("  {kind}:");

@@ -24,6 +24,9 @@ use sandbox_proto::{
 
 pub use sandbox_proto;
 
+pub mod fake_registry;
+pub mod oci;
+
 /// How long a daemon may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 

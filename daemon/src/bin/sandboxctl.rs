@@ -5,7 +5,7 @@
 //! `sandboxctl run --rm IMAGE -- CMD` is on benchmarked paths.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -13,8 +13,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand};
 use sandbox_proto::client::{BlockingClient, ClientError};
 use sandbox_proto::{
-    CreateSandboxRequest, ErrorCode, ExecRequest, ImageInfo, ImportImageRequest, OutputEncoding,
-    Resources, SandboxInfo, SandboxStatus, WaitRequest, DEFAULT_SOCKET, SOCKET_ENV,
+    CreateSandboxRequest, ErrorCode, ExecRequest, ImageInfo, ImportImageRequest, LayerStatus,
+    OutputEncoding, PullEvent, PullImageRequest, PullPolicy, PullResult, Resources, SandboxInfo,
+    SandboxStatus, WaitRequest, DEFAULT_SOCKET, SOCKET_ENV,
 };
 use serde::Serialize;
 
@@ -96,8 +97,31 @@ enum Command {
     Images,
     /// Remove images (same as `image rm`).
     Rmi(RmiArgs),
+    /// Pull an image from its registry (same as `image pull`).
+    Pull(PullArgs),
+    /// Daemon-wide information.
+    #[command(subcommand)]
+    System(SystemCommand),
     /// Print client and daemon versions.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum SystemCommand {
+    /// Disk used by images: per image (shared and unique) and in all, and what a prune would free.
+    Df,
+}
+
+#[derive(Debug, Args)]
+struct PullArgs {
+    /// Platform to choose from a multi-platform image, os/arch[/variant] (default: the host's).
+    #[arg(long, value_name = "PLATFORM")]
+    platform: Option<String>,
+    /// Print only the image digest.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Image reference, e.g. python:3.11 (docker.io/library/python:3.11).
+    reference: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +139,14 @@ enum ImageCommand {
     /// Remove images.
     #[command(visible_alias = "remove")]
     Rm(RmiArgs),
+    /// Pull an image from its registry.
+    Pull(PullArgs),
+    /// Remove unused content: images no reference names, and blobs and layers no image needs.
+    Prune {
+        /// Also remove every image no sandbox uses.
+        #[arg(short, long)]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +194,9 @@ struct RunArgs {
     /// Run the image's Entrypoint + Cmd when no command is given.
     #[arg(long, conflicts_with = "command")]
     default_cmd: bool,
+    /// When to pull the image: missing (default), always, never.
+    #[arg(long, value_name = "POLICY", default_value = "missing", value_parser = parse_pull_policy)]
+    pull: PullPolicy,
     /// Image reference, e.g. busybox, python:3.12.
     image: String,
     /// The main process and its arguments (none: the sandbox idles until stopped).
@@ -330,6 +365,9 @@ fn dispatch(cli: Cli) -> CmdResult {
         }
         Command::Image(ImageCommand::Ls) | Command::Images => cmd_images(&client, json),
         Command::Image(ImageCommand::Rm(a)) | Command::Rmi(a) => cmd_rmi(&client, json, a),
+        Command::Image(ImageCommand::Pull(a)) | Command::Pull(a) => cmd_pull(&client, json, a),
+        Command::Image(ImageCommand::Prune { all }) => cmd_prune(&client, json, all),
+        Command::System(SystemCommand::Df) => cmd_df(&client, json),
         Command::Version => cmd_version(&client, json),
     }
 }
@@ -403,10 +441,25 @@ fn cmd_run(client: &BlockingClient, json: bool, a: RunArgs) -> CmdResult {
         tags: a.tags,
         // Foreground --rm deletes explicitly after printing the output; detached --rm is the daemon's job.
         auto_remove: a.rm && a.detach,
+        // The CLI pulls itself (with progress on stderr) when the daemon says the image is missing.
+        pull: PullPolicy::Never,
     };
-    let info = client
-        .create(&req)
-        .map_err(|e| Failure::new(EXIT_RUN_FAILED, e))?;
+    if a.pull == PullPolicy::Always {
+        pull_for_run(client, json, &req.image)?;
+    }
+    let info = match client.create(&req) {
+        Err(e)
+            if a.pull == PullPolicy::Missing && e.api_code() == Some(ErrorCode::ImageNotFound) =>
+        {
+            if !json {
+                eprintln!("Unable to find image '{}' locally", req.image);
+            }
+            pull_for_run(client, json, &req.image)?;
+            client.create(&req)
+        }
+        other => other,
+    }
+    .map_err(|e| Failure::new(EXIT_RUN_FAILED, e))?;
     if a.detach {
         if json {
             print_json(&info)?;
@@ -663,6 +716,210 @@ fn cmd_rmi(client: &BlockingClient, json: bool, a: RmiArgs) -> CmdResult {
         print_json(&removed)?;
     }
     Ok(i32::from(failed))
+}
+
+fn parse_pull_policy(s: &str) -> Result<PullPolicy, String> {
+    match s {
+        "missing" => Ok(PullPolicy::Missing),
+        "always" => Ok(PullPolicy::Always),
+        "never" => Ok(PullPolicy::Never),
+        _ => Err(format!("{s:?}: expected missing, always or never")),
+    }
+}
+
+/// Pulls the image of a `run`, with progress on stderr.
+fn pull_for_run(client: &BlockingClient, json: bool, image: &str) -> Result<(), Failure> {
+    let req = PullImageRequest {
+        reference: image.to_owned(),
+        platform: None,
+    };
+    let mut progress = Progress::new(!json, std::io::stderr());
+    client
+        .pull_image_progress(&req, |ev| progress.event(ev))
+        .map_err(|e| Failure::new(EXIT_RUN_FAILED, e))?;
+    Ok(())
+}
+
+fn cmd_pull(client: &BlockingClient, json: bool, a: PullArgs) -> CmdResult {
+    let req = PullImageRequest {
+        reference: a.reference,
+        platform: a.platform,
+    };
+    let result: PullResult = if json || a.quiet {
+        client.pull_image(&req)?
+    } else {
+        let mut progress = Progress::new(true, std::io::stdout());
+        client.pull_image_progress(&req, |ev| progress.event(ev))?
+    };
+    if json {
+        print_json(&result)?;
+    } else if a.quiet {
+        println!("{}", result.image.digest);
+    } else {
+        let reference = result.image.references.first().cloned().unwrap_or_default();
+        println!("Digest: {}", result.resolved_digest);
+        if result.layers_downloaded == 0 {
+            println!("Status: Image is up to date for {reference}");
+        } else {
+            println!(
+                "Status: Downloaded newer image for {reference} ({} in {} layer(s))",
+                human_size(result.downloaded_bytes),
+                result.layers_downloaded
+            );
+        }
+    }
+    Ok(0)
+}
+
+/// Prints pull progress: a line per layer when its status changes; on a terminal, also a running total.
+struct Progress<W: Write> {
+    enabled: bool,
+    tty: bool,
+    out: W,
+    layers: Vec<(String, u64, LayerStatus, u64)>,
+    total_shown: bool,
+}
+
+impl<W: Write + std::io::IsTerminal> Progress<W> {
+    fn new(enabled: bool, out: W) -> Self {
+        let tty = out.is_terminal();
+        Self {
+            enabled,
+            tty,
+            out,
+            layers: Vec::new(),
+            total_shown: false,
+        }
+    }
+
+    fn clear_total(&mut self) {
+        if self.total_shown {
+            let _ = write!(self.out, "\r\x1b[K");
+            self.total_shown = false;
+        }
+    }
+
+    fn event(&mut self, ev: &PullEvent) {
+        if !self.enabled {
+            return;
+        }
+        match ev {
+            PullEvent::Resolved {
+                reference,
+                digest,
+                platform,
+                layers,
+                ..
+            } => {
+                self.clear_total();
+                let _ = writeln!(
+                    self.out,
+                    "{reference}: resolved to {} ({platform}), {} layer(s)",
+                    short_digest(digest),
+                    layers.len()
+                );
+                self.layers = layers
+                    .iter()
+                    .map(|l| (l.digest.clone(), l.size, l.status, l.downloaded))
+                    .collect();
+            }
+            PullEvent::Layer(l) => {
+                let Some(entry) = self.layers.iter_mut().find(|e| e.0 == l.digest) else {
+                    return;
+                };
+                let changed = entry.2 != l.status;
+                entry.2 = l.status;
+                entry.3 = l.downloaded;
+                if changed {
+                    let what = match l.status {
+                        LayerStatus::Waiting => "waiting",
+                        LayerStatus::Downloading => "downloading",
+                        LayerStatus::Exists => "already exists",
+                        LayerStatus::Done => "pull complete",
+                    };
+                    self.clear_total();
+                    let _ = writeln!(
+                        self.out,
+                        "{}: {what} ({})",
+                        short_digest(&l.digest),
+                        human_size(l.size)
+                    );
+                }
+                if self.tty {
+                    let (done, total): (u64, u64) = self
+                        .layers
+                        .iter()
+                        .filter(|e| e.2 != LayerStatus::Exists)
+                        .fold((0, 0), |(d, t), e| {
+                            let d_e = if e.2 == LayerStatus::Done { e.1 } else { e.3 };
+                            (d + d_e, t + e.1)
+                        });
+                    let _ = write!(
+                        self.out,
+                        "\r\x1b[Kdownloaded {} of {}",
+                        human_size(done),
+                        human_size(total)
+                    );
+                    self.total_shown = true;
+                }
+            }
+            PullEvent::Done(_) | PullEvent::Error { .. } => self.clear_total(),
+        }
+        let _ = self.out.flush();
+    }
+}
+
+fn cmd_prune(client: &BlockingClient, json: bool, all: bool) -> CmdResult {
+    let r = client.prune_images(all)?;
+    if json {
+        print_json(&r)?;
+    } else {
+        for d in &r.images_removed {
+            println!("Deleted image: {d}");
+        }
+        println!(
+            "Removed {} image(s), {} blob(s), {} layer(s); reclaimed {}",
+            r.images_removed.len(),
+            r.blobs_removed,
+            r.layers_removed,
+            human_size(r.reclaimed_bytes)
+        );
+    }
+    Ok(0)
+}
+
+fn cmd_df(client: &BlockingClient, json: bool) -> CmdResult {
+    let u = client.image_usage()?;
+    if json {
+        print_json(&u)?;
+        return Ok(0);
+    }
+    let mut rows = vec![["REFERENCE", "DIGEST", "SIZE", "UNIQUE", "SANDBOXES"].map(String::from)];
+    for i in &u.images {
+        let name = i
+            .references
+            .first()
+            .map_or_else(|| "<none>".to_owned(), |r| short_image(r));
+        rows.push([
+            name,
+            short_digest(&i.digest),
+            human_size(i.total_bytes),
+            human_size(i.unique_bytes),
+            i.sandboxes.to_string(),
+        ]);
+    }
+    print_table(&rows)?;
+    println!();
+    println!(
+        "Blobs: {} ({}); layers: {} ({}); total {}; reclaimable {}",
+        u.blobs,
+        human_size(u.blob_bytes),
+        u.layers,
+        human_size(u.layer_bytes),
+        human_size(u.blob_bytes + u.layer_bytes),
+        human_size(u.reclaimable_bytes)
+    );
+    Ok(0)
 }
 
 fn cmd_version(client: &BlockingClient, json: bool) -> CmdResult {

@@ -76,6 +76,67 @@ impl<R: Read> HashingReader<R> {
             self.count,
         ))
     }
+
+    /// The digest of what was read so far, and the inner reader (not read any further).
+    pub(crate) fn finish_into_inner(self) -> io::Result<(String, R)> {
+        Ok((
+            format!("{SHA256}{}", hex::encode(self.hasher.finalize())),
+            self.inner,
+        ))
+    }
+}
+
+/// Copies everything read through it into a file and hashes it: the download side of a layer that is unpacked
+/// while it arrives. Refuses to read more than `limit` bytes.
+#[derive(Debug)]
+pub(crate) struct TeeReader<R> {
+    inner: R,
+    file: File,
+    hasher: Sha256,
+    count: u64,
+    limit: u64,
+}
+
+impl<R: Read> TeeReader<R> {
+    pub(crate) fn new(inner: R, file: File, limit: u64) -> Self {
+        Self {
+            inner,
+            file,
+            hasher: Sha256::new(),
+            count: 0,
+            limit,
+        }
+    }
+
+    /// Reads (and copies) the rest of the stream; returns `(digest, size, file)`.
+    pub(crate) fn finish(mut self) -> io::Result<(String, u64, File)> {
+        copy_big(&mut self, &mut io::sink())?;
+        Ok((
+            format!("{SHA256}{}", hex::encode(self.hasher.finalize())),
+            self.count,
+            self.file,
+        ))
+    }
+}
+
+impl<R: Read> Read for TeeReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let read = buf.get(..n).unwrap_or_default();
+        self.count += n as u64;
+        if self.count > self.limit {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "blob is longer than the {} bytes its descriptor announces",
+                    self.limit
+                ),
+            ));
+        }
+        self.hasher.update(read);
+        self.file.write_all(read)?;
+        Ok(n)
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {

@@ -16,17 +16,20 @@
 //! layers, record, reference index, so a crash leaves at worst unreferenced content, which `open` collects.
 
 mod content;
+mod pull;
 mod source;
 mod unpack;
+mod usage;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, DirBuilder, File};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +38,12 @@ use content::{
 };
 use source::{host_arch, ImportPlan, PlannedLayer, Source, Tracker, JSON_LIMIT};
 use unpack::{unpack_layer, Compression};
+
+pub use pull::{
+    digest_of, parse_manifest, IndexEntry, LayerRef, Lease, Manifest, ParsedManifest, Platform,
+    PulledImage, ACCEPTED_MANIFEST_TYPES,
+};
+pub use usage::{DiskUsage, ImageUsage, PruneReport};
 
 /// Errors of the image store.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +67,13 @@ pub enum ImageError {
     /// A layer or archive entry that tries to leave its root (or is otherwise unsafe); the layer was not committed.
     #[error("hostile entry {entry:?} in layer: {reason}")]
     HostileEntry { entry: String, reason: String },
+    /// An index has no manifest for the wanted platform.
+    #[error("{what} has no manifest for platform {wanted} (available: {})", if available.is_empty() { "none".to_owned() } else { available.join(", ") })]
+    PlatformNotFound {
+        what: String,
+        wanted: String,
+        available: Vec<String>,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -78,6 +94,9 @@ pub struct StoredImage {
     pub size: u64,
     /// From the image config.
     pub created: Option<String>,
+    /// `name@digest` for each repository the image was pulled from (the digest the registry serves it under).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repo_digests: Vec<String>,
     /// `os/architecture[/variant]`, e.g. `linux/amd64`.
     pub platform: String,
     /// diff_ids (digests of the uncompressed layer tars), bottom layer first.
@@ -94,6 +113,21 @@ pub struct ImageConfig {
     pub env: Vec<String>,
     pub working_dir: String,
     pub user: String,
+}
+
+impl ImageError {
+    /// Whether the error is the disk (or quota) running full.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                ) || source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What `images/<hex>.json` holds.
@@ -135,11 +169,22 @@ struct Live {
     complete: bool,
 }
 
-/// The local image store. Not internally synchronised: the daemon serialises calls on one store.
+/// Digests (blobs and diff_ids) that garbage collection must keep: content a pull in progress relies on.
+type LeaseTable = Arc<Mutex<HashMap<String, usize>>>;
+
+/// The local image store. Safe to share between threads: metadata changes (references, records, garbage
+/// collection) are serialised on an internal lock; blob and layer writes need none (they appear by rename), and
+/// content a pull relies on is protected from collection by a [`Lease`].
 #[derive(Debug)]
 pub struct ImageStore {
     root: PathBuf,
     blobs: Blobs,
+    meta: Mutex<()>,
+    leases: LeaseTable,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn refs_of(index: &RefIndex, digest: &str) -> Vec<String> {
@@ -162,6 +207,8 @@ impl ImageStore {
         let store = Self {
             root: root.to_owned(),
             blobs: Blobs::new(root.join("blobs/sha256"), root.join("ingest")),
+            meta: Mutex::new(()),
+            leases: LeaseTable::default(),
         };
         for (dir, mode) in [
             (store.blobs.dir().to_owned(), 0o755),
@@ -193,7 +240,13 @@ impl ImageStore {
     /// and are not `in_use` (manifest digests of images that live sandboxes run on), then blobs and layers no
     /// remaining record uses. The daemon calls it once it knows its sandboxes (at start) and when one goes.
     pub fn collect_garbage(&self, in_use: &HashSet<String>) -> Result<(), ImageError> {
-        self.sweep(in_use)
+        let _meta = lock(&self.meta);
+        self.sweep(in_use).map(|_| ())
+    }
+
+    /// Digests currently leased (the meta lock must be held, so no new lease appears meanwhile).
+    fn leased(&self) -> HashSet<String> {
+        lock(&self.leases).keys().cloned().collect()
     }
 
     fn layers_dir(&self) -> PathBuf {
@@ -383,21 +436,23 @@ impl ImageStore {
                 return;
             }
         };
+        let leased = self.leased();
         for b in blobs {
-            if !live.blobs.contains(b) {
+            if !live.blobs.contains(b) && !leased.contains(b) {
                 self.remove_blob(b);
             }
         }
         for l in layers {
-            if !live.layers.contains(l) {
+            if !live.layers.contains(l) && !leased.contains(l) {
                 self.remove_layer(l);
             }
         }
     }
 
-    /// Full garbage collection (at open): drops references to missing records, records nothing references, and
-    /// blobs and layers no record uses.
-    fn sweep(&self, in_use: &HashSet<String>) -> Result<(), ImageError> {
+    /// Full garbage collection: drops references to missing records, records nothing references (unless in use),
+    /// and blobs and layers no remaining record uses and no lease holds. Answers what it removed.
+    fn sweep(&self, in_use: &HashSet<String>) -> Result<PruneReport, ImageError> {
+        let mut report = PruneReport::default();
         let mut index = self.load_refs()?;
         let (records, complete) = self.load_records()?;
         let known: HashSet<&str> = records.iter().map(|r| r.image.digest.as_str()).collect();
@@ -428,15 +483,17 @@ impl ImageStore {
                 tracing::info!(digest = %r.image.digest, "removing unreferenced image record");
                 let path = self.record_path(hex);
                 fs::remove_file(&path).map_err(io_err(format!("remove {}", path.display())))?;
+                report.images_removed.push(r.image.digest.clone());
             }
         }
         if !live.complete {
             tracing::warn!("some image record is unreadable; not collecting blobs or layers");
-            return Ok(());
+            return Ok(report);
         }
-        for (dir, set) in [
-            (self.blobs.dir().to_owned(), &live.blobs),
-            (self.layers_dir(), &live.layers),
+        let leased = self.leased();
+        for (dir, set, is_layer) in [
+            (self.blobs.dir().to_owned(), &live.blobs, false),
+            (self.layers_dir(), &live.layers, true),
         ] {
             for entry in fs::read_dir(&dir).map_err(io_err(format!("read {}", dir.display())))? {
                 let entry = entry.map_err(io_err(format!("read {}", dir.display())))?;
@@ -444,14 +501,25 @@ impl ImageStore {
                     continue;
                 };
                 let digest = format!("sha256:{name}");
-                if digest_hex(&digest).is_none() || set.contains(&digest) {
+                if digest_hex(&digest).is_none()
+                    || set.contains(&digest)
+                    || leased.contains(&digest)
+                {
                     continue;
                 }
                 tracing::info!(path = %entry.path().display(), "removing unreferenced content");
-                remove_any(&entry.path())?;
+                let bytes = usage::path_bytes(&entry.path());
+                if is_layer {
+                    self.remove_layer(&digest);
+                    report.layers_removed += 1;
+                } else {
+                    remove_any(&entry.path())?;
+                    report.blobs_removed += 1;
+                }
+                report.reclaimed_bytes += bytes;
             }
         }
-        Ok(())
+        Ok(report)
     }
 
     /// Imports an OCI image layout directory, an OCI layout tarball, or a `docker save` tarball (plain or gzip).
@@ -465,6 +533,8 @@ impl ImageStore {
         reference: Option<&str>,
         normalise: &dyn Fn(&str) -> Result<String, String>,
     ) -> Result<StoredImage, ImageError> {
+        // Imports are rare: they hold the metadata lock throughout, so no collection runs under them.
+        let _meta = lock(&self.meta);
         let mut tracker = Tracker::default();
         let result = self.import_inner(path, reference, normalise, &mut tracker);
         match &result {
@@ -610,6 +680,7 @@ impl ImageStore {
                 config_digest: plan.config_digest.clone(),
                 size: plan.layers.iter().map(|l| l.size).sum(),
                 created: cfg.created().clone(),
+                repo_digests: Vec::new(),
                 platform,
                 layers: diff_ids.clone(),
                 config,
@@ -647,6 +718,7 @@ impl ImageStore {
             .map_err(io_err(format!("create {}", tmp.display())))?;
         let guard = TmpDir(tmp);
         let stats = unpack_layer(&blob, layer.compression, &guard.0, diff_id, what)?;
+        unpack::sync_tree(&guard.0)?;
         match fs::rename(&guard.0, &dest) {
             Ok(()) => {
                 std::mem::forget(guard);
@@ -724,6 +796,7 @@ impl ImageStore {
 
     /// All images with at least one reference, sorted by their first reference.
     pub fn list(&self) -> Result<Vec<StoredImage>, ImageError> {
+        let _meta = lock(&self.meta);
         let index = self.load_refs()?;
         let digests: BTreeSet<&String> = index.values().collect();
         let mut out = Vec::new();
@@ -772,6 +845,7 @@ impl ImageStore {
 
     /// By normalised reference, or by manifest digest `sha256:<hex>` (or a unique prefix of >= 12 hex digits).
     pub fn resolve(&self, reference: &str) -> Result<StoredImage, ImageError> {
+        let _meta = lock(&self.meta);
         let index = self.load_refs()?;
         let digest = self.lookup(&index, reference)?;
         let mut record = self.load_record(&digest)?;
@@ -794,6 +868,7 @@ impl ImageStore {
         reference: &str,
         in_use: &HashSet<String>,
     ) -> Result<StoredImage, ImageError> {
+        let _meta = lock(&self.meta);
         let mut index = self.load_refs()?;
         let digest = self.lookup(&index, reference)?;
         let mut record = self.load_record(&digest)?;

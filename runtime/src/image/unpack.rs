@@ -756,6 +756,43 @@ fn set_xattrs_at(dir: BorrowedFd<'_>, last: &[u8], xattrs: &[(CString, Vec<u8>)]
     }
 }
 
+/// A decompressing reader that gives its input back, so the caller can read what follows the compressed stream.
+pub(crate) enum Decoder<R: Read> {
+    Plain(R),
+    Gzip(flate2::read::MultiGzDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
+}
+
+impl<R: Read> Decoder<R> {
+    pub(crate) fn new(compression: Compression, r: R) -> io::Result<Self> {
+        Ok(match compression {
+            Compression::None => Self::Plain(r),
+            Compression::Gzip => Self::Gzip(flate2::read::MultiGzDecoder::new(r)),
+            Compression::Zstd => Self::Zstd(zstd::stream::read::Decoder::new(r)?),
+        })
+    }
+
+    /// The input reader. Bytes the decoder buffered but did not use are lost; callers that need every byte wrap
+    /// the input in a reader that counts (and hashes) what passes through it.
+    pub(crate) fn into_inner(self) -> R {
+        match self {
+            Self::Plain(r) => r,
+            Self::Gzip(d) => d.into_inner(),
+            Self::Zstd(d) => d.finish().into_inner(),
+        }
+    }
+}
+
+impl<R: Read> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(r) => r.read(buf),
+            Self::Gzip(d) => d.read(buf),
+            Self::Zstd(d) => d.read(buf),
+        }
+    }
+}
+
 /// Unpacks a layer blob into `dest` (an existing empty directory), verifying that the sha256 of the uncompressed
 /// stream equals `diff_id`. On error `dest` holds a partial tree the caller must remove.
 pub(crate) fn unpack_layer(
@@ -766,9 +803,28 @@ pub(crate) fn unpack_layer(
     what: &str,
 ) -> Result<UnpackStats, ImageError> {
     let file = File::open(blob).map_err(io_err(format!("open {what} blob {}", blob.display())))?;
-    let decoded = compression
-        .reader(BufReader::with_capacity(256 * 1024, file))
-        .map_err(io_err(format!("decompress {what}")))?;
+    let (stats, _) = unpack_stream(
+        BufReader::with_capacity(256 * 1024, file),
+        compression,
+        dest,
+        diff_id,
+        what,
+    )?;
+    Ok(stats)
+}
+
+/// Unpacks the compressed layer stream `input` into `dest` (an existing empty directory) as it is read, verifying
+/// that the sha256 of the uncompressed tar stream equals `diff_id`, and gives `input` back (read up to the end of
+/// the compressed data) so the caller can finish reading and verifying it. Nothing is synced to disk. On error
+/// `dest` holds a partial tree the caller must remove.
+pub(crate) fn unpack_stream<R: Read>(
+    input: R,
+    compression: Compression,
+    dest: &Path,
+    diff_id: &str,
+    what: &str,
+) -> Result<(UnpackStats, R), ImageError> {
+    let decoded = Decoder::new(compression, input).map_err(io_err(format!("decompress {what}")))?;
     let mut archive = tar::Archive::new(HashingReader::new(decoded));
     let mut unpacker = Unpacker {
         tree: Tree::open(dest)?,
@@ -785,7 +841,10 @@ pub(crate) fn unpack_layer(
         unpacker.entry(&mut entry)?;
     }
     unpacker.finish_dirs()?;
-    let (actual, _) = archive.into_inner().finish().map_err(malformed)?;
+    let mut hashing = archive.into_inner();
+    // The rest of the tar stream (end-of-archive blocks, padding) counts towards the diff_id.
+    copy_big(&mut hashing, &mut io::sink()).map_err(malformed)?;
+    let (actual, decoded) = hashing.finish_into_inner().map_err(malformed)?;
     if actual != diff_id {
         return Err(ImageError::DigestMismatch {
             what: format!("{what} (uncompressed diff_id)"),
@@ -793,9 +852,13 @@ pub(crate) fn unpack_layer(
             actual,
         });
     }
-    nix::unistd::syncfs(&unpacker.tree.root)
-        .map_err(errno_io(format!("syncfs {}", dest.display())))?;
-    Ok(unpacker.stats)
+    Ok((unpacker.stats, decoded.into_inner()))
+}
+
+/// Flushes a freshly unpacked layer directory to disk.
+pub(crate) fn sync_tree(dest: &Path) -> Result<(), ImageError> {
+    let tree = Tree::open(dest)?;
+    nix::unistd::syncfs(&tree.root).map_err(errno_io(format!("syncfs {}", dest.display())))
 }
 
 /// Whether a path in an image archive (OCI layout or `docker save` tarball) is one the importer may need.
