@@ -28,8 +28,8 @@ use sandbox_proto::{
     ApiError, ErrorCode, ImageInfo, ImageRef, LayerProgress, LayerStatus, PullEvent, PullResult,
 };
 use sandbox_runtime::image::{
-    parse_manifest, ImageError, ImageStore, IndexEntry, LayerRef, Manifest, Platform, PulledImage,
-    StoredImage,
+    parse_manifest, ImageError, ImageStore, IndexEntry, LayerRef, Lease, Manifest, Platform,
+    PulledImage, StoredImage,
 };
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
@@ -348,6 +348,8 @@ struct Resolved {
     layers: Vec<LayerRef>,
     diff_ids: Vec<String>,
     config_digest: String,
+    /// Everything above stays in the store while the pull runs.
+    _leases: Vec<Lease>,
 }
 
 fn api(code: ErrorCode, message: String) -> ApiError {
@@ -660,19 +662,6 @@ impl Puller {
             () = cancel.cancelled() => return Err(api(ErrorCode::PullTimeout, format!("pull of {r} cancelled"))),
         };
         let canonical = r.canonical();
-        // Everything the image needs stays put from here on, whatever else is removed meanwhile.
-        let mut leased: Vec<String> = vec![
-            resolved.manifest_digest.clone(),
-            resolved.resolved_digest.clone(),
-            resolved.config_digest.clone(),
-        ];
-        leased.extend(resolved.layers.iter().map(|l| l.digest.clone()));
-        leased.extend(resolved.diff_ids.iter().cloned());
-        let store = self.store.clone();
-        let _lease = tokio::task::spawn_blocking(move || store.lease(leased))
-            .await
-            .map_err(|e| internal("lease", e))?;
-
         flight.emit_resolved(PullEvent::Resolved {
             reference: canonical.clone(),
             resolved_digest: resolved.resolved_digest.clone(),
@@ -881,14 +870,6 @@ impl Puller {
                     Manifest::choose(&entries, platform, &format!("index of {r}"))
                         .map_err(image_error)?
                         .clone();
-                // Keep the index too (Docker's repo digest is the index digest).
-                let (st, b, d, w) = (
-                    store.clone(),
-                    bytes.clone(),
-                    resolved_digest.clone(),
-                    what.clone(),
-                );
-                blocking(move || st.put_blob(&b, &d, &w)).await?;
                 let mut by_digest = reference.clone();
                 by_digest = Reference::with_digest(
                     by_digest.registry().to_owned(),
@@ -926,6 +907,15 @@ impl Puller {
                 }
             }
         };
+        // From the first commit on, what this pull stores is leased: a collection running meanwhile (a sandbox
+        // removed, a prune) cannot take it away before the image record refers to it.
+        let mut leases = vec![
+            lease(
+                &store,
+                vec![manifest_digest.clone(), manifest.config_digest.clone()],
+            )
+            .await?,
+        ];
         let (st, b, d, w) = (
             store.clone(),
             manifest_bytes.clone(),
@@ -970,6 +960,9 @@ impl Puller {
         };
         let (st, n, w) = (store.clone(), manifest.layers.len(), what.clone());
         let diff_ids = blocking(move || st.config_diff_ids(&config_bytes, n, &w)).await?;
+        let mut content: Vec<String> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+        content.extend(diff_ids.iter().cloned());
+        leases.push(lease(&store, content).await?);
         let platform_str = chosen_platform
             .map(|p| p.to_string())
             .unwrap_or_else(|| platform.to_string());
@@ -983,6 +976,7 @@ impl Puller {
             config_digest: manifest.config_digest.clone(),
             layers: manifest.layers,
             diff_ids,
+            _leases: leases,
         })
     }
 
@@ -1272,6 +1266,12 @@ fn with_image(mut e: ApiError, image: &str) -> ApiError {
         e.message = format!("{image}: {}", e.message);
     }
     e
+}
+
+/// Leases `digests` (on a blocking thread: it may wait for the store's metadata lock).
+async fn lease(store: &Arc<ImageStore>, digests: Vec<String>) -> Result<Lease, ApiError> {
+    let st = store.clone();
+    blocking(move || Ok(st.lease(digests))).await
 }
 
 /// Runs store work on a blocking thread.

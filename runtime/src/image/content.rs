@@ -119,18 +119,36 @@ impl<R: Read> TeeReader<R> {
     }
 }
 
+/// The error a [`TeeReader`] answers once more than its limit has arrived.
+#[derive(Debug)]
+struct TooLong(u64);
+
+impl std::fmt::Display for TooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "blob is longer than the {} bytes its descriptor announces",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for TooLong {}
+
+/// Whether `e` is a [`TeeReader`] refusing a stream longer than announced (as returned by it, not wrapped).
+pub(crate) fn is_too_long(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<TooLong>())
+}
+
 impl<R: Read> Read for TeeReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         let read = buf.get(..n).unwrap_or_default();
-        self.count += n as u64;
+        self.count = self.count.saturating_add(n as u64);
         if self.count > self.limit {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "blob is longer than the {} bytes its descriptor announces",
-                    self.limit
-                ),
+                TooLong(self.limit),
             ));
         }
         self.hasher.update(read);

@@ -22,6 +22,8 @@ mod unpack;
 mod usage;
 
 #[cfg(test)]
+mod pull_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

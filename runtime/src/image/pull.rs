@@ -8,15 +8,16 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{BufReader, Read};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 
 use super::content::{
-    digest_hex, io_err, read_bounded, require_digest, sha256_digest, unique_name, Expect, TeeReader,
+    digest_hex, io_err, is_too_long, read_bounded, require_digest, sha256_digest, unique_name,
+    Expect, TeeReader,
 };
 use super::source::{
     host_arch, ImportPlan, PlannedLayer, JSON_LIMIT, MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_MANIFEST,
@@ -85,6 +86,14 @@ impl Platform {
         }
     }
 
+    /// Whether `variant` is what an image for this architecture without a variant is built for.
+    fn is_default_variant(&self, variant: &str) -> bool {
+        matches!(
+            (self.architecture.as_str(), variant),
+            ("arm64", "v8") | ("amd64", "v1")
+        )
+    }
+
     /// How well an index entry's platform fits: `None` = not usable; higher is better.
     fn score(&self, entry: &IndexEntry) -> Option<u8> {
         let p = entry.platform.as_ref()?;
@@ -95,8 +104,7 @@ impl Platform {
             (Some(want), Some(have)) if want == have => Some(3),
             (None, None) => Some(3),
             // arm64 images are published with or without "v8"; amd64 ones without a variant or as "v1".
-            (Some(want), None) if want == "v8" && self.architecture == "arm64" => Some(2),
-            (None, Some(have)) if have == "v1" && self.architecture == "amd64" => Some(2),
+            (Some(v), None) | (None, Some(v)) if self.is_default_variant(v) => Some(2),
             (None, Some(_)) => Some(1),
             (Some(_), _) => None,
         }
@@ -167,11 +175,13 @@ impl Manifest {
             })
             .map(|(_, e)| e)
             .ok_or_else(|| {
-                let mut available: Vec<String> = entries
-                    .iter()
-                    .filter_map(|e| e.platform.as_ref().map(ToString::to_string))
-                    .collect();
-                available.dedup();
+                let mut available: Vec<String> = Vec::new();
+                for p in entries.iter().filter_map(|e| e.platform.as_ref()) {
+                    let p = p.to_string();
+                    if !available.contains(&p) {
+                        available.push(p);
+                    }
+                }
                 ImageError::PlatformNotFound {
                     what: what.to_owned(),
                     wanted: platform.to_string(),
@@ -391,7 +401,8 @@ impl ImageStore {
     }
 
     /// Reads a layer blob from `input` (the download), storing and unpacking it as it arrives. Both the blob digest
-    /// and the diff_id are verified before anything is committed; on error nothing of it is visible.
+    /// and the diff_id are verified before anything is committed; when verification fails nothing of it is visible
+    /// (should the commit itself fail, a committed blob may remain: unreferenced, for garbage collection).
     /// If the layer is already unpacked (another image shares it), only the blob is stored.
     pub fn pull_layer<R: Read>(
         &self,
@@ -433,39 +444,24 @@ impl ImageStore {
             ) {
                 Ok((stats, _)) => unpacked = Some((guard, stats)),
                 Err(e) => {
-                    // The blob must be authentic before its content is judged: a tampered or truncated download
-                    // is reported as such, not as whatever its bytes happened to look like.
-                    if let Ok((digest, size, _)) = tee.finish() {
-                        if size != layer.size || digest != layer.digest {
-                            return Err(ImageError::DigestMismatch {
-                                what: what.to_owned(),
-                                expected: format!("{} ({} bytes)", layer.digest, layer.size),
-                                actual: format!("{digest} ({size} bytes)"),
-                            });
-                        }
-                    }
+                    // The blob must be authentic before its content is judged: a tampered, truncated, overlong or
+                    // broken download is reported as such, not as whatever its bytes happened to look like.
+                    verify_download(tee.finish(), layer, what)?;
                     return Err(e);
                 }
             }
         }
-        let (digest, size, file) = tee.finish().map_err(io_err(format!("download {what}")))?;
-        if size != layer.size {
-            return Err(ImageError::DigestMismatch {
-                what: format!("{what} (size)"),
-                expected: layer.size.to_string(),
-                actual: size.to_string(),
-            });
-        }
-        if digest != layer.digest {
-            return Err(ImageError::DigestMismatch {
-                what: what.to_owned(),
-                expected: layer.digest.clone(),
-                actual: digest,
-            });
-        }
+        let file = verify_download(tee.finish(), layer, what)?;
         file.sync_all()
             .map_err(io_err(format!("fsync {}", ingest.display())))?;
         drop(file);
+        // The blob first: a blob without its layer directory is unpacked from the store by the next pull, whereas
+        // a layer directory without its blob looks present to pulls, and `commit_pulled` refuses the image.
+        let blob = self.blobs.path_hex(blob_hex);
+        if !fs::symlink_metadata(&blob).is_ok_and(|m| m.is_file()) {
+            fs::rename(&ingest, &blob).map_err(io_err(format!("commit blob {}", layer.digest)))?;
+            super::content::sync_dir(self.blobs.dir())?;
+        }
         if let Some((guard, stats)) = unpacked {
             sync_tree(&guard.0)?;
             match fs::rename(&guard.0, &dest) {
@@ -478,11 +474,6 @@ impl ImageStore {
                 Err(_) if dest.is_dir() => {}
                 Err(e) => return Err(io_err(format!("commit layer {}", dest.display()))(e)),
             }
-        }
-        let blob = self.blobs.path_hex(blob_hex);
-        if !fs::symlink_metadata(&blob).is_ok_and(|m| m.is_file()) {
-            fs::rename(&ingest, &blob).map_err(io_err(format!("commit blob {}", layer.digest)))?;
-            super::content::sync_dir(self.blobs.dir())?;
         }
         drop(ingest_guard);
         Ok(())
@@ -553,11 +544,25 @@ impl ImageStore {
             names: Vec::new(),
         };
         let mut record = self.build_record(&plan, &pulled.reference)?;
+        if !self.has_blob(&pulled.manifest_digest) {
+            return Err(invalid(
+                &pulled.reference,
+                format!(
+                    "manifest {} is not stored; the pull is incomplete",
+                    pulled.manifest_digest
+                ),
+            ));
+        }
+        // The unpacked layer is what a sandbox needs. Its blob may be absent: when another image already brought
+        // the same layer (same diff_id) in a different compression, the pull downloads nothing for it.
         for (l, d) in pulled.layers.iter().zip(&record.image.layers) {
-            if !self.has_blob(&l.digest) || !self.has_layer(d) {
+            if !self.has_layer(d) {
                 return Err(invalid(
                     &pulled.reference,
-                    format!("layer {} is not stored; the pull is incomplete", l.digest),
+                    format!(
+                        "layer {} ({d}) is not unpacked; the pull is incomplete",
+                        l.digest
+                    ),
                 ));
             }
         }
@@ -592,6 +597,40 @@ impl ImageStore {
         out.extend(layer_blobs.iter().map(|l| l.digest.clone()));
         out
     }
+}
+
+/// Checks a finished download against its descriptor: `Ok` (with the ingest file) only for the authentic blob.
+fn verify_download(
+    finished: io::Result<(String, u64, File)>,
+    layer: &LayerRef,
+    what: &str,
+) -> Result<File, ImageError> {
+    let (digest, size, file) = match finished {
+        Ok(f) => f,
+        Err(e) if is_too_long(&e) => {
+            return Err(ImageError::DigestMismatch {
+                what: format!("{what} (size)"),
+                expected: layer.size.to_string(),
+                actual: format!("more than {}", layer.size),
+            })
+        }
+        Err(e) => return Err(io_err(format!("download {what}"))(e)),
+    };
+    if size != layer.size {
+        return Err(ImageError::DigestMismatch {
+            what: format!("{what} (size)"),
+            expected: layer.size.to_string(),
+            actual: size.to_string(),
+        });
+    }
+    if digest != layer.digest {
+        return Err(ImageError::DigestMismatch {
+            what: what.to_owned(),
+            expected: layer.digest.clone(),
+            actual: digest,
+        });
+    }
+    Ok(file)
 }
 
 /// Computes the digest of a document, for checking a manifest fetched by tag against the registry's header.

@@ -14,33 +14,33 @@ use tar::{EntryType, Header};
 use super::unpack::{unpack_layer, Compression};
 use super::{ImageError, ImageStore};
 
-fn sha(bytes: &[u8]) -> String {
+pub(super) fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn gzip(bytes: &[u8]) -> Vec<u8> {
+pub(super) fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).unwrap();
     enc.finish().unwrap()
 }
 
-fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
+pub(super) fn zstd_compress(bytes: &[u8]) -> Vec<u8> {
     zstd::encode_all(bytes, 1).unwrap()
 }
 
 /// A tar layer built entry by entry, with raw (unvalidated) names so hostile entries can be expressed.
-struct Layer {
+pub(super) struct Layer {
     b: tar::Builder<Vec<u8>>,
 }
 
 impl Layer {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             b: tar::Builder::new(Vec::new()),
         }
     }
 
-    fn raw(
+    pub(super) fn raw(
         &mut self,
         kind: EntryType,
         name: &[u8],
@@ -69,7 +69,7 @@ impl Layer {
         self.b.append(&h, data).unwrap();
     }
 
-    fn dir(&mut self, name: &str) -> &mut Self {
+    pub(super) fn dir(&mut self, name: &str) -> &mut Self {
         self.raw(
             EntryType::Directory,
             name.as_bytes(),
@@ -81,7 +81,7 @@ impl Layer {
         self
     }
 
-    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+    pub(super) fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
         self.raw(
             EntryType::Regular,
             name.as_bytes(),
@@ -93,7 +93,7 @@ impl Layer {
         self
     }
 
-    fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
+    pub(super) fn symlink(&mut self, name: &str, target: &str) -> &mut Self {
         self.raw(
             EntryType::Symlink,
             name.as_bytes(),
@@ -105,7 +105,7 @@ impl Layer {
         self
     }
 
-    fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
+    pub(super) fn hardlink(&mut self, name: &str, target: &str) -> &mut Self {
         self.raw(
             EntryType::Link,
             name.as_bytes(),
@@ -141,12 +141,12 @@ impl Layer {
         self
     }
 
-    fn finish(self) -> Vec<u8> {
+    pub(super) fn finish(self) -> Vec<u8> {
         self.b.into_inner().unwrap()
     }
 }
 
-fn base_layer() -> Vec<u8> {
+pub(super) fn base_layer() -> Vec<u8> {
     let mut l = Layer::new();
     l.dir("./")
         .dir("bin")
@@ -160,7 +160,7 @@ fn base_layer() -> Vec<u8> {
     l.finish()
 }
 
-fn app_layer(tag: &str) -> Vec<u8> {
+pub(super) fn app_layer(tag: &str) -> Vec<u8> {
     let mut l = Layer::new();
     l.dir("app").file("app/id", tag.as_bytes());
     l.finish()
@@ -270,14 +270,14 @@ fn norm(s: &str) -> Result<String, String> {
     })
 }
 
-fn tmp() -> tempfile::TempDir {
+pub(super) fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("sandboxd-image-test")
         .tempdir()
         .unwrap()
 }
 
-fn files_under(dir: &Path) -> BTreeSet<PathBuf> {
+pub(super) fn files_under(dir: &Path) -> BTreeSet<PathBuf> {
     let mut out = BTreeSet::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -306,7 +306,7 @@ fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     Some(buf)
 }
 
-fn count(dir: &Path) -> usize {
+pub(super) fn count(dir: &Path) -> usize {
     fs::read_dir(dir).map(|r| r.count()).unwrap_or(0)
 }
 

@@ -759,7 +759,8 @@ fn set_xattrs_at(dir: BorrowedFd<'_>, last: &[u8], xattrs: &[(CString, Vec<u8>)]
 /// A decompressing reader that gives its input back, so the caller can read what follows the compressed stream.
 pub(crate) enum Decoder<R: Read> {
     Plain(R),
-    Gzip(flate2::read::MultiGzDecoder<R>),
+    /// Boxed: its state is several times larger than the other variants'.
+    Gzip(Box<flate2::read::MultiGzDecoder<R>>),
     Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
 }
 
@@ -767,7 +768,7 @@ impl<R: Read> Decoder<R> {
     pub(crate) fn new(compression: Compression, r: R) -> io::Result<Self> {
         Ok(match compression {
             Compression::None => Self::Plain(r),
-            Compression::Gzip => Self::Gzip(flate2::read::MultiGzDecoder::new(r)),
+            Compression::Gzip => Self::Gzip(Box::new(flate2::read::MultiGzDecoder::new(r))),
             Compression::Zstd => Self::Zstd(zstd::stream::read::Decoder::new(r)?),
         })
     }
@@ -777,7 +778,7 @@ impl<R: Read> Decoder<R> {
     pub(crate) fn into_inner(self) -> R {
         match self {
             Self::Plain(r) => r,
-            Self::Gzip(d) => d.into_inner(),
+            Self::Gzip(d) => (*d).into_inner(),
             Self::Zstd(d) => d.finish().into_inner(),
         }
     }

@@ -40,28 +40,42 @@ pub struct DiskUsage {
     pub reclaimable_bytes: u64,
 }
 
-/// Allocated bytes under `path` (not following symlinks; hard-linked files counted once).
+/// Allocated bytes under `path` (not following symlinks; hard-linked files counted once). Walks with an explicit
+/// stack: a layer's directory depth is chosen by whoever built the image.
 pub(crate) fn path_bytes(path: &Path) -> u64 {
-    let mut seen = HashSet::new();
-    tree_bytes(path, &mut seen)
-}
-
-fn tree_bytes(path: &Path, seen: &mut HashSet<(u64, u64)>) -> u64 {
-    let Ok(meta) = fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let mut total = 0;
-    if meta.nlink() <= 1 || meta.is_dir() || seen.insert((meta.dev(), meta.ino())) {
-        total += meta.blocks() * 512;
-    }
-    if meta.is_dir() {
-        if let Ok(entries) = fs::read_dir(path) {
-            for e in entries.flatten() {
-                total += tree_bytes(&e.path(), seen);
+    let mut seen: HashSet<(u64, u64)> = HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![path.to_owned()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        if meta.nlink() <= 1 || meta.is_dir() || seen.insert((meta.dev(), meta.ino())) {
+            total = total.saturating_add(meta.blocks().saturating_mul(512));
+        }
+        if meta.is_dir() {
+            if let Ok(entries) = fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
             }
         }
     }
     total
+}
+
+/// Content as usage accounts for it: a blob and a layer may have the same digest (an uncompressed layer's blob
+/// digest is its diff_id), so the kind is part of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Item<'a> {
+    Blob(&'a str),
+    Layer(&'a str),
+}
+
+/// Every distinct blob and layer a record uses.
+fn items(r: &super::ImageRecord) -> HashSet<Item<'_>> {
+    r.blobs()
+        .map(|b| Item::Blob(b.as_str()))
+        .chain(r.image.layers.iter().map(|l| Item::Layer(l.as_str())))
+        .collect()
 }
 
 impl ImageStore {
@@ -71,7 +85,7 @@ impl ImageStore {
         let _meta = lock(&self.meta);
         let index = self.load_refs()?;
         let (records, _) = self.load_records()?;
-        let mut sizes: HashMap<String, u64> = HashMap::new();
+        let mut sizes: HashMap<(bool, String), u64> = HashMap::new();
         let mut out = DiskUsage::default();
         for (dir, is_layer) in [
             (self.blobs.dir().to_owned(), false),
@@ -89,7 +103,7 @@ impl ImageStore {
                     continue;
                 }
                 let bytes = path_bytes(&entry.path());
-                sizes.insert(digest, bytes);
+                sizes.insert((is_layer, digest), bytes);
                 if is_layer {
                     out.layers += 1;
                     out.layer_bytes += bytes;
@@ -99,39 +113,33 @@ impl ImageStore {
                 }
             }
         }
+        let size_of = |item: &Item<'_>| match item {
+            Item::Blob(d) => sizes.get(&(false, (*d).to_owned())),
+            Item::Layer(d) => sizes.get(&(true, (*d).to_owned())),
+        };
         let referenced: HashSet<&String> = index.values().collect();
-        let mut users: HashMap<&String, usize> = HashMap::new();
-        let mut needed: HashSet<&String> = HashSet::new();
-        for r in &records {
-            let keep = referenced.contains(&r.image.digest) || in_use.contains(&r.image.digest);
-            for c in r.blobs().chain(r.image.layers.iter()) {
-                *users.entry(c).or_insert(0) += 1;
-                if keep {
-                    needed.insert(c);
-                }
+        // The images listed (named or in use) and what each uses; unique bytes are those no other listed image
+        // uses. Records about to be collected are not listed and do not make content shared.
+        let kept: Vec<(&super::ImageRecord, HashSet<Item<'_>>)> = records
+            .iter()
+            .filter(|r| referenced.contains(&r.image.digest) || in_use.contains(&r.image.digest))
+            .map(|r| (r, items(r)))
+            .collect();
+        let mut users: HashMap<Item<'_>, usize> = HashMap::new();
+        for (_, its) in &kept {
+            for c in its {
+                *users.entry(*c).or_insert(0) += 1;
             }
         }
-        for r in &records {
-            let refs: Vec<String> = index
-                .iter()
-                .filter(|(_, d)| **d == r.image.digest)
-                .map(|(n, _)| n.clone())
-                .collect();
-            if refs.is_empty() && !in_use.contains(&r.image.digest) {
-                continue;
-            }
+        for (r, its) in &kept {
             let mut u = ImageUsage {
-                references: refs,
+                references: super::refs_of(&index, &r.image.digest),
                 digest: r.image.digest.clone(),
                 total_bytes: 0,
                 unique_bytes: 0,
             };
-            let mut counted = HashSet::new();
-            for c in r.blobs().chain(r.image.layers.iter()) {
-                if !counted.insert(c) {
-                    continue;
-                }
-                let b = sizes.get(c).copied().unwrap_or(0);
+            for c in its {
+                let b = size_of(c).copied().unwrap_or(0);
                 u.total_bytes += b;
                 if users.get(c).copied().unwrap_or(0) <= 1 {
                     u.unique_bytes += b;
@@ -142,7 +150,14 @@ impl ImageStore {
         out.images.sort_by(|a, b| a.references.cmp(&b.references));
         out.reclaimable_bytes = sizes
             .iter()
-            .filter(|(d, _)| !needed.contains(d))
+            .filter(|((is_layer, d), _)| {
+                let item = if *is_layer {
+                    Item::Layer(d.as_str())
+                } else {
+                    Item::Blob(d.as_str())
+                };
+                !users.contains_key(&item)
+            })
             .map(|(_, b)| *b)
             .sum();
         Ok(out)
