@@ -289,8 +289,6 @@ pub struct Puller {
     docker_config: Option<PathBuf>,
     timeout: Duration,
     attempts: u32,
-    https: oci_client::Client,
-    http: oci_client::Client,
     downloads: Arc<Semaphore>,
     flights: StdMutex<HashMap<String, Arc<Flight>>>,
     /// Layer blobs being downloaded, by digest: a second pull needing one waits for it.
@@ -339,7 +337,8 @@ impl Read for ChannelReader {
 
 /// Everything one pull needs once the manifest is known.
 struct Resolved {
-    endpoint: Endpoint,
+    /// The client that resolved the manifest (holding its credentials and token), for the layers.
+    client: oci_client::Client,
     reference: Reference,
     auth: RegistryAuth,
     resolved_digest: String,
@@ -484,25 +483,12 @@ fn sha256(bytes: &[u8]) -> String {
 impl Puller {
     /// A puller over `store`, configured from the daemon's configuration.
     pub fn new(store: Arc<ImageStore>, cfg: &Config) -> Result<Self, String> {
-        let client = |protocol| {
-            oci_client::Client::new(ClientConfig {
-                protocol,
-                platform_resolver: None,
-                connect_timeout: Some(Duration::from_secs(30)),
-                // A stalled connection (no bytes for this long) fails and is retried.
-                read_timeout: Some(Duration::from_secs(60)),
-                user_agent: concat!("sandboxd/", env!("CARGO_PKG_VERSION")),
-                ..ClientConfig::default()
-            })
-        };
         Ok(Self {
             store,
             registries: cfg.registries.clone(),
             docker_config: docker_config_path(cfg.pull.docker_config.as_deref()),
             timeout: Duration::from_secs_f64(cfg.pull.timeout_seconds),
             attempts: cfg.pull.download_attempts,
-            https: client(ClientProtocol::Https),
-            http: client(ClientProtocol::Http),
             downloads: Arc::new(Semaphore::new(cfg.pull.max_concurrent_downloads)),
             flights: StdMutex::new(HashMap::new()),
             blob_flights: StdMutex::new(HashMap::new()),
@@ -528,12 +514,22 @@ impl Puller {
         out
     }
 
-    fn client(&self, ep: &Endpoint) -> &oci_client::Client {
-        if ep.http {
-            &self.http
-        } else {
-            &self.https
-        }
+    /// A client for one pull from `ep`. Not shared between pulls: oci-client keeps the first credentials it is
+    /// given for a registry for good, and the Docker config is read at every pull.
+    fn client(ep: &Endpoint) -> oci_client::Client {
+        oci_client::Client::new(ClientConfig {
+            protocol: if ep.http {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            // A stalled connection (no bytes for this long) fails and is retried.
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: concat!("sandboxd/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        })
     }
 
     /// Pulls `reference` (joining a pull of it already in progress) and waits for the outcome.
@@ -818,7 +814,7 @@ impl Puller {
         r: &ImageRef,
         platform: &Platform,
     ) -> Result<Resolved, ApiError> {
-        let client = self.client(ep);
+        let client = Self::client(ep);
         let auth = credentials(self.docker_config.as_deref(), &ep.host, &r.registry)?;
         let mut reference = match (&r.tag, &r.digest) {
             (_, Some(d)) => {
@@ -936,8 +932,14 @@ impl Puller {
                 .await
                 .map_err(|e| registry_error(&what, &e))?;
             while let Some(chunk) = sized.stream.next().await {
-                let chunk =
-                    chunk.map_err(|e| api(ErrorCode::RegistryError, format!("{what}: {e}")))?;
+                let chunk = chunk.map_err(|e| {
+                    let code = if is_digest_error(&e) {
+                        ErrorCode::DigestMismatch
+                    } else {
+                        ErrorCode::RegistryError
+                    };
+                    api(code, format!("{what}: {e}"))
+                })?;
                 out.extend_from_slice(&chunk);
                 if out.len() > DOCUMENT_LIMIT || out.len() as u64 > manifest.config_size {
                     return Err(api(
@@ -967,7 +969,7 @@ impl Puller {
             .map(|p| p.to_string())
             .unwrap_or_else(|| platform.to_string());
         Ok(Resolved {
-            endpoint: ep.clone(),
+            client,
             reference,
             auth,
             resolved_digest,
@@ -1126,7 +1128,7 @@ impl Puller {
         flight: &Flight,
         cancel: &CancellationToken,
     ) -> Result<u64, FetchError> {
-        let client = self.client(&res.endpoint);
+        let client = &res.client;
         // Makes sure the client holds a token for this repository (a cached one may be for another).
         let _ = &res.auth;
         let mut offset = 0u64;

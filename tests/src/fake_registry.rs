@@ -10,7 +10,10 @@
 //! - `GET|HEAD /v2/<name>/manifests/<tag or digest>`: `Content-Type` = the stored media type,
 //!   `Docker-Content-Digest` = the real sha256 of the bytes.
 //! - `GET|HEAD /v2/<name>/blobs/<digest>`: `application/octet-stream`, `Docker-Content-Digest` = the
-//!   digest asked for; `Range: bytes=N-` (or `N-M`) answers `206` with `Content-Range`.
+//!   digest asked for; `Range: bytes=N-` (or `N-M`) answers `206` with `Content-Range`. A blob can be
+//!   made to break: truncated on every GET ([`FakeRegistry::truncate_blob`]) or only on the first few
+//!   ([`FakeRegistry::truncate_blob_first`], to test resuming), or stalled after the response head
+//!   ([`FakeRegistry::stall_blob`]). [`FakeRegistry::bytes_sent`] counts the body bytes written per path.
 //! - `GET /token`: the bearer token endpoint named in the challenge (see
 //!   [`FakeRegistry::require_bearer`]).
 //!
@@ -19,7 +22,7 @@
 //!
 //! Dropping the [`FakeRegistry`] closes the listener and every open connection, and joins all threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -101,6 +104,12 @@ struct State {
     manifests: HashMap<(String, String), Manifest>,
     /// `(repo, digest)` → how many bytes of the blob to send before closing.
     truncations: HashMap<(String, String), usize>,
+    /// `(repo, digest)` → `(bytes to send before closing, how many of the first GETs to break so)`.
+    truncate_first: HashMap<(String, String), (usize, usize)>,
+    /// `(repo, digest)` of blobs whose GETs send the response head and then nothing.
+    stalled: HashSet<(String, String)>,
+    /// Path (query string ignored) → response body bytes written for it.
+    sent: HashMap<String, u64>,
     auth: Auth,
     /// `(path prefix, status)`, checked in order.
     forced: Vec<(String, u16)>,
@@ -211,6 +220,30 @@ impl FakeRegistry {
         lock(&self.state)
             .truncations
             .insert((repo.to_owned(), digest.to_owned()), served_len);
+    }
+
+    /// Like [`FakeRegistry::truncate_blob`], but only for the first `times` GETs of the blob (counted
+    /// from now on and before, whatever their `Range`): they answer `200`, the full `Content-Length`, only
+    /// the first `served_len` bytes, and close. Later GETs are served correctly, `Range` honoured (`206`).
+    pub fn truncate_blob_first(&self, repo: &str, digest: &str, served_len: usize, times: usize) {
+        lock(&self.state)
+            .truncate_first
+            .insert((repo.to_owned(), digest.to_owned()), (served_len, times));
+    }
+
+    /// From now on a GET of the blob `digest` of `repo` answers the response head (`200`, the full
+    /// `Content-Length`) and then nothing: the connection stays open, silent, until the client closes it
+    /// or the registry is dropped. `HEAD` still answers normally.
+    pub fn stall_blob(&self, repo: &str, digest: &str) {
+        lock(&self.state)
+            .stalled
+            .insert((repo.to_owned(), digest.to_owned()));
+    }
+
+    /// Response body bytes written (to the socket) for requests of exactly `path` (query string
+    /// ignored), over all requests so far: a truncated answer counts what was sent, a `206` its range.
+    pub fn bytes_sent(&self, path: &str) -> u64 {
+        lock(&self.state).sent.get(path).copied().unwrap_or(0)
     }
 
     /// Every `/v2` request needs `Authorization: Basic base64(user:pass)`, else `401` with
@@ -419,16 +452,31 @@ fn serve_connection(stream: TcpStream, addr: SocketAddr, state: &Mutex<State>) {
             st.log.push(head.request.clone());
             route(&st, addr, &head.request)
         };
+        if response.stall {
+            // The head only (it advertises the full length), then silence until the client closes or the
+            // registry is dropped (which shuts the socket down and so ends this read).
+            if write_response(&mut writer, &response, true, false).is_ok() {
+                let _ = io::copy(&mut reader, &mut io::sink());
+            }
+            break;
+        }
         let keep_alive = head.keep_alive && response.truncate_at.is_none();
-        if write_response(
-            &mut writer,
-            &response,
-            head.request.method == "HEAD",
-            keep_alive,
-        )
-        .is_err()
-            || !keep_alive
-        {
+        let head_only = head.request.method == "HEAD";
+        let body_len = if head_only {
+            0
+        } else {
+            response
+                .truncate_at
+                .map_or(response.body.len(), |n| n.min(response.body.len()))
+        };
+        let written = write_response(&mut writer, &response, head_only, keep_alive);
+        if written.is_ok() {
+            *lock(state)
+                .sent
+                .entry(head.request.path.clone())
+                .or_default() += body_len as u64;
+        }
+        if written.is_err() || !keep_alive {
             break;
         }
     }
@@ -444,6 +492,8 @@ struct Response {
     body: Vec<u8>,
     /// Advertise `body.len()` but send only this many bytes, then close.
     truncate_at: Option<usize>,
+    /// Send the head (advertising `body.len()`), then nothing until the connection ends.
+    stall: bool,
 }
 
 impl Response {
@@ -453,6 +503,7 @@ impl Response {
             headers: vec![("Content-Type", content_type.to_owned())],
             body,
             truncate_at: None,
+            stall: false,
         }
     }
 
@@ -653,6 +704,24 @@ fn blob(st: &State, req: &Request, name: &str, digest: &str) -> Response {
         if let Some(&served) = st.truncations.get(&key) {
             let mut r = full(200);
             r.truncate_at = Some(served);
+            return r;
+        }
+        if let Some(&(served, times)) = st.truncate_first.get(&key) {
+            // The log already holds this request.
+            let gets = st
+                .log
+                .iter()
+                .filter(|r| r.method == "GET" && r.path == req.path)
+                .count();
+            if gets <= times {
+                let mut r = full(200);
+                r.truncate_at = Some(served);
+                return r;
+            }
+        }
+        if st.stalled.contains(&key) {
+            let mut r = full(200);
+            r.stall = true;
             return r;
         }
     }
@@ -1104,6 +1173,61 @@ mod tests {
         assert_eq!(r.status, 200);
         assert_eq!(r.header("content-length"), Some("10000"));
         assert_eq!(c.request("GET", "/v2/", &[]).status, 200);
+    }
+
+    #[test]
+    fn truncated_first_gets_then_served_with_range() {
+        let reg = FakeRegistry::start();
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let digest = reg.put_blob("repo", bytes.clone());
+        let path = format!("/v2/repo/blobs/{digest}");
+        reg.truncate_blob_first("repo", &digest, 1234, 2);
+        for range in [None, Some("bytes=1234-")] {
+            let mut c = Client::connect(&reg);
+            let headers: Vec<(&str, &str)> = range.iter().map(|r| ("Range", *r)).collect();
+            c.send("GET", &path, &headers);
+            let (status, _) = c.read_head();
+            assert_eq!(status, 200);
+            let mut body = Vec::new();
+            c.reader
+                .read_to_end(&mut body)
+                .expect("reading until close");
+            assert_eq!(body, &bytes[..1234], "range {range:?}");
+        }
+        assert_eq!(reg.bytes_sent(&path), 2 * 1234);
+        // The third GET is served, its Range honoured.
+        let mut c = Client::connect(&reg);
+        let r = c.request("GET", &path, &[("Range", "bytes=1234-")]);
+        assert_eq!(r.status, 206);
+        assert_eq!(r.body, &bytes[1234..]);
+        assert_eq!(reg.bytes_sent(&path), 2 * 1234 + (10_000 - 1234));
+        let r = c.request("GET", &path, &[]);
+        assert_eq!((r.status, r.body.len()), (200, 10_000));
+        // HEAD sends no body bytes.
+        assert_eq!(c.request("HEAD", &path, &[]).status, 200);
+        assert_eq!(reg.bytes_sent(&path), 2 * 1234 + (10_000 - 1234) + 10_000);
+    }
+
+    #[test]
+    fn stalled_blob_sends_the_head_then_nothing() {
+        let reg = FakeRegistry::start();
+        let digest = reg.put_blob("repo", vec![7; 5000]);
+        let path = format!("/v2/repo/blobs/{digest}");
+        reg.stall_blob("repo", &digest);
+        let mut head = Client::connect(&reg);
+        assert_eq!(head.request("HEAD", &path, &[]).status, 200);
+        let mut c = Client::connect(&reg);
+        c.send("GET", &path, &[]);
+        let (status, headers) = c.read_head();
+        assert_eq!(status, 200);
+        let len = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.clone());
+        assert_eq!(len.as_deref(), Some("5000"));
+        // Dropping the registry ends the silent connection: EOF without a body byte.
+        drop(reg);
+        assert!(c.at_eof());
     }
 
     #[test]

@@ -30,6 +30,26 @@ pub mod oci;
 /// How long a daemon may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The test registry's `host:port` (`$SANDBOXD_TEST_REGISTRY`, set by `scripts/test`, which starts Debian's
+/// `docker-registry` on loopback and pushes the test images with `scripts/test-images`).
+pub fn test_registry() -> String {
+    match std::env::var("SANDBOXD_TEST_REGISTRY") {
+        Ok(r) if !r.is_empty() => r,
+        _ => panic!(
+            "SANDBOXD_TEST_REGISTRY is not set: run the tests through scripts/test, which starts the test \
+             registry and pushes the test images (or start one with scripts/lib/registry.sh and scripts/test-images)"
+        ),
+    }
+}
+
+/// The test registry's log (`$SANDBOXD_TEST_REGISTRY_LOG`): one access-log line per request it served.
+pub fn test_registry_log() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("SANDBOXD_TEST_REGISTRY_LOG")
+            .expect("SANDBOXD_TEST_REGISTRY_LOG is not set: run the tests through scripts/test"),
+    )
+}
+
 /// The workspace root (parent of this crate).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -347,6 +367,8 @@ pub struct Daemon {
     pub cgroup_parent: String,
     /// The daemon's log (its stderr), appended to across restarts.
     pub log: PathBuf,
+    /// `--config`, when the daemon runs with a configuration file.
+    pub config: Option<PathBuf>,
     child: Option<Child>,
     dir: Option<tempfile::TempDir>,
 }
@@ -354,6 +376,29 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a fresh daemon and waits until it listens.
     pub fn start() -> Self {
+        Self::start_with_config(None)
+    }
+
+    /// Starts a fresh daemon whose registry configuration names the test registry
+    /// (`$SANDBOXD_TEST_REGISTRY`) as the mirror of `docker.io`: `python:3.11` is pulled by its public name
+    /// through the real pull path. `extra` is appended to the configuration file.
+    pub fn start_mirrored(extra: &str) -> Self {
+        let reg = test_registry();
+        Self::start_with_config(Some(&format!(
+            "[registries.\"docker.io\"]\nmirrors = [\"http://{reg}\"]\n\n{extra}"
+        )))
+    }
+
+    /// Starts a fresh daemon with `config` (TOML) as its configuration file, if given.
+    pub fn start_with_config(config: Option<&str>) -> Self {
+        Self::start_with_state_dir(None, config)
+    }
+
+    /// Like [`Daemon::start_with_config`], with `--state-dir state_dir` when given (e.g. on a small
+    /// file system of the test's own) instead of `state` in the daemon's temporary directory. The socket,
+    /// log and config file stay in the temporary directory; the Docker config directory is the state
+    /// directory's sibling `docker-config`. The caller owns (and removes) the state directory.
+    pub fn start_with_state_dir(state_dir: Option<&Path>, config: Option<&str>) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         // The state directory's ancestors must be traversable by the sandboxes' unprivileged root
@@ -363,11 +408,17 @@ impl Daemon {
             .permissions(fs::Permissions::from_mode(0o755))
             .tempdir()
             .expect("temp dir");
+        let config = config.map(|text| {
+            let p = dir.path().join("config.toml");
+            fs::write(&p, text).expect("writing the daemon's config file");
+            p
+        });
         let mut d = Self {
             socket: dir.path().join("s.sock"),
-            state_dir: dir.path().join("state"),
+            state_dir: state_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf),
             cgroup_parent: format!("sandboxd-test-{}-{n}", std::process::id()),
             log: dir.path().join("sandboxd.log"),
+            config,
             child: None,
             dir: Some(dir),
         };
@@ -391,7 +442,39 @@ impl Daemon {
             .arg(&self.cgroup_parent)
             .arg("--log")
             .arg("info");
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        // Credentials come only from what a test configures, never from the host's Docker login.
+        cmd.env(
+            "DOCKER_CONFIG",
+            self.state_dir.with_file_name("docker-config"),
+        );
         cmd
+    }
+
+    /// Leftovers of unfinished image work: ingest files, temporary and doomed layer directories, temporary
+    /// files. None may survive a finished pull or import.
+    pub fn image_store_leftovers(&self) -> Vec<String> {
+        let store = self.state_dir.join("images");
+        let mut out = Vec::new();
+        for sub in ["ingest", "tmp"] {
+            if let Ok(rd) = fs::read_dir(store.join(sub)) {
+                out.extend(
+                    rd.flatten()
+                        .map(|e| format!("{sub}/{}", e.file_name().to_string_lossy())),
+                );
+            }
+        }
+        if let Ok(rd) = fs::read_dir(store.join("layers/sha256")) {
+            out.extend(
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with('.'))
+                    .map(|n| format!("layers/sha256/{n}")),
+            );
+        }
+        out
     }
 
     fn spawn(&mut self) {
@@ -672,6 +755,12 @@ impl Daemon {
                 Err(e) => problems.push(format!("listing sandboxes at cleanup: {e}")),
             }
             self.stop_daemon();
+        }
+        let leftovers = self.image_store_leftovers();
+        if !leftovers.is_empty() {
+            problems.push(format!(
+                "unfinished image store content left: {leftovers:?}"
+            ));
         }
         // The daemon has exited: background deletions must have finished too.
         let left = self.all_sandbox_entries();
