@@ -262,6 +262,13 @@ impl Manager {
         let root = cfg.state_dir.join("sandboxes");
         std::fs::create_dir_all(&root)
             .map_err(|e| anyhow_like::Error(format!("creating {}: {e}", root.display())))?;
+        // Sandboxes' writable layers hold whatever their root made (setuid files of the sandbox's host uid
+        // included): only root goes below.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| anyhow_like::Error(format!("chmod {}: {e}", root.display())))?;
+        }
         let images = ImageStore::open(&cfg.state_dir.join("images"))
             .map_err(|e| anyhow_like::Error(format!("opening the image store: {e}")))?;
         let images = Arc::new(images);

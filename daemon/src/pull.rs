@@ -1182,7 +1182,11 @@ impl Puller {
                         let err = registry_error(what, &e);
                         match err.code {
                             ErrorCode::RegistryUnreachable | ErrorCode::RegistryError => {
-                                last_error = err.message;
+                                last_error = err
+                                    .message
+                                    .strip_prefix(&format!("{what}: "))
+                                    .unwrap_or(&err.message)
+                                    .to_owned();
                                 continue;
                             }
                             _ => return Err(FetchError::Api(err)),

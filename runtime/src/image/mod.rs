@@ -212,9 +212,14 @@ impl ImageStore {
             meta: Mutex::new(()),
             leases: LeaseTable::default(),
         };
+        // Unpacked layers keep the image's owners and modes, setuid bits included: no unprivileged host user may
+        // reach them (or they could run an image's setuid-root program on the host). Only root (the daemon and
+        // the supervisors, which mount the layers) goes below `blobs/` and `layers/`.
         for (dir, mode) in [
-            (store.blobs.dir().to_owned(), 0o755),
-            (store.layers_dir(), 0o755),
+            (root.join("blobs"), 0o700),
+            (store.blobs.dir().to_owned(), 0o700),
+            (root.join("layers"), 0o700),
+            (store.layers_dir(), 0o700),
             (store.images_dir(), 0o700),
             (root.join("ingest"), 0o700),
             (store.tmp_dir(), 0o700),
@@ -223,6 +228,9 @@ impl ImageStore {
             builder
                 .create(&dir)
                 .map_err(io_err(format!("create {}", dir.display())))?;
+            // Stores made by older versions had looser modes.
+            fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .map_err(io_err(format!("chmod {}", dir.display())))?;
         }
         for dir in [root.join("ingest"), store.tmp_dir()] {
             store.empty_dir(&dir)?;
