@@ -93,8 +93,11 @@ fn remove_image_in_use_needs_force() {
     assert!(out.contains("Deleted"), "{out}");
     expect_api_error(c.image("busybox"), ErrorCode::ImageNotFound, 404);
     assert!(!d.ctl_ok(&["images"]).contains("busybox"));
-    expect_api_error(c.create(&busybox(None)), ErrorCode::ImageNotFound, 404);
-    let out = d.ctl(&["run", "--rm", "busybox", "--", "true"]);
+    // Pull policy `never`: no registry is asked (with the default the daemon would pull busybox).
+    let mut req = busybox(None);
+    req.pull = sandbox_tests::sandbox_proto::PullPolicy::Never;
+    expect_api_error(c.create(&req), ErrorCode::ImageNotFound, 404);
+    let out = d.ctl(&["run", "--rm", "--pull", "never", "busybox", "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("IMAGE_NOT_FOUND"));
     d.assert_only_sandboxes(&[&sb.id]);
