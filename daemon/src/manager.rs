@@ -1617,7 +1617,8 @@ async fn wait_pidfd(fd: OwnedFd) {
     }
 }
 
-fn image_info(img: &StoredImage) -> ImageInfo {
+/// The wire form of a stored image.
+pub(crate) fn image_info(img: &StoredImage) -> ImageInfo {
     ImageInfo {
         references: img.references.clone(),
         digest: img.digest.clone(),

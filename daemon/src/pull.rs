@@ -25,11 +25,11 @@ use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 use sandbox_proto::{
-    ApiError, ErrorCode, ImageInfo, ImageRef, LayerProgress, LayerStatus, PullEvent, PullResult,
+    ApiError, ErrorCode, ImageRef, LayerProgress, LayerStatus, PullEvent, PullResult,
 };
 use sandbox_runtime::image::{
     parse_manifest, ImageError, ImageStore, IndexEntry, LayerRef, Lease, Manifest, Platform,
-    PulledImage, StoredImage,
+    PulledImage,
 };
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
@@ -462,19 +462,6 @@ fn specificity(code: ErrorCode) -> u8 {
     }
 }
 
-fn image_info(img: &StoredImage) -> ImageInfo {
-    ImageInfo {
-        references: img.references.clone(),
-        digest: img.digest.clone(),
-        config_digest: img.config_digest.clone(),
-        size: img.size,
-        created: img.created.clone(),
-        platform: img.platform.clone(),
-        layers: img.layers.clone(),
-        repo_digests: img.repo_digests.clone(),
-    }
-}
-
 fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
@@ -737,7 +724,7 @@ impl Puller {
             .map_err(|e| internal("commit", e))?
             .map_err(|e| with_image(image_error(e), &canonical))?;
         Ok(PullResult {
-            image: image_info(&image),
+            image: crate::manager::image_info(&image),
             resolved_digest: resolved.resolved_digest.clone(),
             downloaded_bytes: downloaded,
             layers_downloaded: fetched,
