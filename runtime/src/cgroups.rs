@@ -800,7 +800,14 @@ impl SandboxCgroup {
                 let file = d.join("cgroup.procs");
                 let text = match fs::read_to_string(&file) {
                     Ok(t) => t,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    // ENODEV: the cgroup was removed (its directory still resolves while the kernel tears it
+                    // down, e.g. when a concurrent teardown got there first). Either way it holds no process.
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENODEV) =>
+                    {
+                        continue
+                    }
                     Err(source) => {
                         return Err(CgroupError::Io {
                             op: "read",
