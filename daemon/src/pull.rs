@@ -28,8 +28,8 @@ use sandbox_proto::{
     ApiError, ErrorCode, ImageRef, LayerProgress, LayerStatus, PullEvent, PullResult,
 };
 use sandbox_runtime::image::{
-    parse_manifest, ImageError, ImageStore, IndexEntry, LayerRef, Lease, Manifest, Platform,
-    PulledImage,
+    digest_of, parse_manifest, ImageError, ImageStore, IndexEntry, LayerRef, Lease, Manifest,
+    Platform, PulledImage,
 };
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc, watch, Semaphore};
@@ -462,11 +462,6 @@ fn specificity(code: ErrorCode) -> u8 {
     }
 }
 
-fn sha256(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
-}
-
 impl Puller {
     /// A puller over `store`, configured from the daemon's configuration.
     pub fn new(store: Arc<ImageStore>, cfg: &Config) -> Result<Self, String> {
@@ -827,7 +822,7 @@ impl Puller {
             .await
             .map_err(|e| registry_error(&what, &e))?;
         check_document(&bytes, &what)?;
-        let actual = sha256(&bytes);
+        let actual = digest_of(&bytes);
         if let Some(want) = &r.digest {
             if &actual != want {
                 return Err(api(
@@ -868,7 +863,7 @@ impl Puller {
                     .await
                     .map_err(|e| registry_error(&what, &e))?;
                 check_document(&mbytes, &what)?;
-                let actual = sha256(&mbytes);
+                let actual = digest_of(&mbytes);
                 if actual != entry.digest {
                     return Err(api(
                         ErrorCode::DigestMismatch,

@@ -31,7 +31,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use base64::Engine as _;
-use sha2::{Digest as _, Sha256};
 
 /// OCI image manifest media type.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -48,10 +47,7 @@ pub const SERVICE: &str = "fake";
 /// Longest request head (request line + headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// `sha256:<hex>` of `bytes`.
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
+pub use crate::oci::sha256_digest;
 
 /// One request the registry received, for assertions (see [`FakeRegistry::requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,6 @@
 //! when both digests match is anything committed: the blob by rename into `blobs/`, then the layer directory by
 //! rename into `layers/`. A failure at any point leaves an ingest file and a `.tmp-` directory, both removed.
 
-use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufReader, Read};
@@ -586,16 +585,6 @@ impl ImageStore {
     pub fn reference_digest(&self, reference: &str) -> Option<String> {
         let _meta = lock(&self.meta);
         self.load_refs().ok()?.get(reference).cloned()
-    }
-
-    /// Digests of every blob and layer an image uses (for leases).
-    pub fn content_of(image: &StoredImage, layer_blobs: &[LayerRef]) -> HashSet<String> {
-        let mut out: HashSet<String> = [image.digest.clone(), image.config_digest.clone()]
-            .into_iter()
-            .collect();
-        out.extend(image.layers.iter().cloned());
-        out.extend(layer_blobs.iter().map(|l| l.digest.clone()));
-        out
     }
 }
 
