@@ -68,6 +68,20 @@ pub struct Record {
     auto_remove: bool,
     stop_requested: bool,
     cgroup: Option<SandboxCgroup>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+    #[serde(default)]
+    max_lifetime_seconds: Option<f64>,
+    /// When the lifetime runs out (ms since the epoch); enforced by the daemon, also after a restart.
+    #[serde(default)]
+    deadline_ms: Option<u64>,
+    #[serde(default)]
+    requests: ResourceLimits,
+    /// Paths of the read-only mounted files.
+    #[serde(default)]
+    mounted_files: Vec<String>,
+    #[serde(default)]
+    volumes: Vec<sandbox_proto::VolumeSpec>,
 }
 
 impl Record {
@@ -101,6 +115,12 @@ impl Record {
             host_uid: self.host_uid,
             tags: self.tags.clone(),
             auto_remove: self.auto_remove,
+            annotations: self.annotations.clone(),
+            max_lifetime_seconds: self.max_lifetime_seconds,
+            expires_at: self.deadline_ms.map(rfc3339),
+            requests: self.requests.clone(),
+            mounted_files: self.mounted_files.clone(),
+            volumes: self.volumes.clone(),
         }
     }
 
@@ -743,6 +763,14 @@ impl Manager {
             auto_remove: req.auto_remove,
             stop_requested: false,
             cgroup: None,
+            annotations: req.annotations.clone(),
+            max_lifetime_seconds: req.max_lifetime_seconds,
+            deadline_ms: req
+                .max_lifetime_seconds
+                .map(|s| now.saturating_add((s * 1000.0) as u64)),
+            requests: ResourceLimits::default(),
+            mounted_files: req.mounted_files.iter().map(|f| f.mount_path.clone()).collect(),
+            volumes: req.volumes.clone(),
         };
         let dir = self.root.join(&id);
         std::fs::create_dir(&dir)

@@ -46,6 +46,13 @@ pub enum ErrorCode {
     PullTimeout,
     /// A layer holds an entry that would escape its root (or is otherwise unsafe); `details.entry` names it.
     HostileLayer,
+    /// No file (or directory) at that path inside the sandbox.
+    FileNotFound,
+    /// The path is on a read-only mount inside the sandbox (a mounted file, a read-only path).
+    FileReadOnly,
+    /// The file operation failed inside the sandbox: a directory where a file was expected, a parent that
+    /// is not a directory, a name too long... `details.errno` names the error.
+    FileError,
     /// A bug or an unexpected host failure.
     Internal,
     /// Unknown route.
@@ -57,7 +64,9 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::InvalidRequest | Self::InvalidArgument | Self::InvalidImage => 400,
-            Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound => 404,
+            Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound | Self::FileNotFound => 404,
+            Self::FileReadOnly => 409,
+            Self::FileError => 400,
             Self::ExecTimeout | Self::WaitTimeout => 408,
             Self::SandboxNotRunning
             | Self::SandboxRunning
@@ -96,6 +105,9 @@ impl ErrorCode {
             Self::PlatformNotFound => "PLATFORM_NOT_FOUND",
             Self::PullTimeout => "PULL_TIMEOUT",
             Self::HostileLayer => "HOSTILE_LAYER",
+            Self::FileNotFound => "FILE_NOT_FOUND",
+            Self::FileReadOnly => "FILE_READ_ONLY",
+            Self::FileError => "FILE_ERROR",
             Self::Internal => "INTERNAL",
             Self::NotFound => "NOT_FOUND",
         }

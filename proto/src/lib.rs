@@ -8,6 +8,7 @@ pub mod client;
 pub mod error;
 pub mod image_ref;
 pub mod quantity;
+pub mod stream;
 pub mod types;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};

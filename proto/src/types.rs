@@ -80,6 +80,28 @@ pub struct Resources {
     /// Maximum number of processes (tasks) in the sandbox.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<i64>,
+    /// What the sandbox is guaranteed (cgroup weight and soft memory limit). The top-level `cpu` and
+    /// `memory` count as both request and limit; a value here overrides the request only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceValues>,
+    /// Hard limits enforced by the cgroup. A value here overrides the top-level one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ResourceValues>,
+}
+
+/// One set of resource quantities, as in `resources.requests` and `resources.limits`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceValues {
+    /// Memory, a Kubernetes-style quantity: `"512Mi"`, `"1G"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// CPU in cores: `"0.5"`, `"2"`, `"500m"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Maximum number of processes (limits only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<i64>,
 }
 
 /// Resource limits after parsing, as applied to the sandbox's cgroup.
@@ -94,6 +116,13 @@ pub struct ResourceLimits {
     /// Maximum number of tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+}
+
+impl ResourceLimits {
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.memory_bytes.is_none() && self.cpu_millis.is_none() && self.pids.is_none()
+    }
 }
 
 /// Body of `POST /v1/sandboxes`.
@@ -133,6 +162,74 @@ pub struct CreateSandboxRequest {
     /// When to pull the image from its registry (default: only when it is not stored here).
     #[serde(default, skip_serializing_if = "PullPolicy::is_default")]
     pub pull: PullPolicy,
+    /// Stop the sandbox (TERMINATED) this many seconds after it was created, also across daemon restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<f64>,
+    /// Free-form key/value metadata, returned as given.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Files placed read-only in the sandbox at creation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounted_files: Vec<MountedFile>,
+    /// Size-limited scratch volumes (tmpfs), writable, gone with the sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A file placed read-only in the sandbox at creation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountedFile {
+    /// Absolute path inside the sandbox; parent directories are created.
+    pub mount_path: String,
+    /// The content, standard base64.
+    pub file_content: String,
+    /// Permission bits (default `0o444`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// A scratch volume: a tmpfs of at most `size` bytes at `mount_path`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeSpec {
+    /// Name, unique within the sandbox (`[A-Za-z0-9_.-]`, at most 63 characters).
+    pub name: String,
+    /// Absolute path inside the sandbox.
+    pub mount_path: String,
+    /// Size limit, a quantity (`"64Mi"`, `"1G"`).
+    pub size: String,
+}
+
+/// Answer of `PUT /v1/sandboxes/{id}/files`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// The absolute path inside the sandbox, as given.
+    pub path: String,
+    /// Bytes written.
+    pub size: u64,
+    /// Permission bits of the file.
+    pub mode: u32,
+}
+
+/// One record of `GET /v1/sandboxes/{id}/logs/stream` (NDJSON, one per line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// `stdout` or `stderr`.
+    pub stream: String,
+    /// The bytes, as text (or base64 when `encoding` says so). A line keeps its trailing newline; a
+    /// record without one is a partial line.
+    pub data: String,
+    /// Encoding of `data`.
+    #[serde(default, skip_serializing_if = "is_text")]
+    pub encoding: OutputEncoding,
+    /// When the daemon's supervisor read the bytes (RFC 3339, nanoseconds); only with `timestamps=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+}
+
+fn is_text(e: &OutputEncoding) -> bool {
+    *e == OutputEncoding::Utf8
 }
 
 /// When `POST /v1/sandboxes` pulls its image.
@@ -226,6 +323,24 @@ pub struct SandboxInfo {
     /// Whether the sandbox is removed once its main process has exited.
     #[serde(default)]
     pub auto_remove: bool,
+    /// Annotations given at creation.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The lifetime given at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_lifetime_seconds: Option<f64>,
+    /// When the lifetime runs out (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// Guaranteed resources (cgroup weight, soft memory limit).
+    #[serde(default, skip_serializing_if = "ResourceLimits::is_empty")]
+    pub requests: ResourceLimits,
+    /// Paths of the read-only mounted files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounted_files: Vec<String>,
+    /// Scratch volumes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeSpec>,
 }
 
 /// Body of `GET /v1/sandboxes`.
