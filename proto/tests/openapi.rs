@@ -240,6 +240,20 @@ fn full_sandbox() -> SandboxInfo {
         host_uid: 100_000,
         tags: vec!["t".into()],
         auto_remove: true,
+        annotations: BTreeMap::from([("k".into(), "v".into())]),
+        max_lifetime_seconds: Some(1.0),
+        expires_at: Some("t".into()),
+        requests: full_limits(),
+        mounted_files: vec!["/etc/app.conf".into()],
+        volumes: vec![full_volume()],
+    }
+}
+
+fn full_volume() -> VolumeSpec {
+    VolumeSpec {
+        name: "scratch".into(),
+        mount_path: "/scratch".into(),
+        size: "64Mi".into(),
     }
 }
 
@@ -299,6 +313,16 @@ fn object_schemas_match_serde() {
         memory: Some("1".into()),
         cpu: Some("1".into()),
         pids: Some(1),
+        requests: Some(ResourceValues {
+            memory: Some("1".into()),
+            cpu: Some("1".into()),
+            pids: None,
+        }),
+        limits: Some(ResourceValues {
+            memory: Some("1".into()),
+            cpu: Some("1".into()),
+            pids: Some(1),
+        }),
     };
     check_object("Resources", &full_resources, &Resources::default());
     check_object("ResourceLimits", &full_limits(), &ResourceLimits::default());
@@ -314,6 +338,14 @@ fn object_schemas_match_serde() {
         tags: vec!["t".into()],
         auto_remove: true,
         pull: PullPolicy::Always,
+        max_lifetime_seconds: Some(1.0),
+        annotations: BTreeMap::from([("k".into(), "v".into())]),
+        mounted_files: vec![MountedFile {
+            mount_path: "/etc/app.conf".into(),
+            file_content: "aGk=".into(),
+            mode: Some(0o444),
+        }],
+        volumes: vec![full_volume()],
     };
     check_object(
         "CreateSandboxRequest",
@@ -482,6 +514,9 @@ fn all_error_codes() -> Vec<ErrorCode> {
         PlatformNotFound,
         PullTimeout,
         HostileLayer,
+        FileNotFound,
+        FileReadOnly,
+        FileError,
         Internal,
         NotFound,
     ];
@@ -491,7 +526,8 @@ fn all_error_codes() -> Vec<ErrorCode> {
             | SandboxRunning | NameConflict | ImageNotFound | InvalidImage | DigestMismatch
             | ImageInUse | StartFailed | ExecTimeout | WaitTimeout | ResourceExhausted
             | RegistryUnreachable | RegistryError | RegistryUnauthorized | PlatformNotFound
-            | PullTimeout | HostileLayer | Internal | NotFound => {}
+            | PullTimeout | HostileLayer | FileNotFound | FileReadOnly | FileError | Internal
+            | NotFound => {}
         }
     }
     all.to_vec()

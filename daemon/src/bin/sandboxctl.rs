@@ -437,12 +437,14 @@ fn cmd_run(client: &BlockingClient, json: bool, a: RunArgs) -> CmdResult {
             memory: a.memory,
             cpu: a.cpus,
             pids: a.pids,
+            ..Resources::default()
         },
         tags: a.tags,
         // Foreground --rm deletes explicitly after printing the output; detached --rm is the daemon's job.
         auto_remove: a.rm && a.detach,
         // The CLI pulls itself (with progress on stderr) when the daemon says the image is missing.
         pull: PullPolicy::Never,
+        ..CreateSandboxRequest::default()
     };
     if a.pull == PullPolicy::Always {
         pull_for_run(client, json, &req.image)?;
