@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,7 +32,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sandboxes/{id}/stop"),
     ("POST", "/v1/sandboxes/{id}/wait"),
     ("POST", "/v1/sandboxes/{id}/exec"),
+    ("POST", "/v1/sandboxes/{id}/exec/stream"),
     ("GET", "/v1/sandboxes/{id}/logs"),
+    ("GET", "/v1/sandboxes/{id}/files"),
+    ("PUT", "/v1/sandboxes/{id}/files"),
+    ("GET", "/v1/sandboxes/{id}/logs/stream"),
     ("GET", "/v1/images"),
     ("POST", "/v1/images/import"),
     ("GET", "/v1/images/{ref}"),
@@ -46,12 +50,28 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub fn router(m: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/version", get(version))
-        .route("/v1/sandboxes", get(list).post(create))
+        .route(
+            "/v1/sandboxes",
+            get(list)
+                .post(create)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    crate::files::CREATE_BODY_LIMIT,
+                )),
+        )
         .route("/v1/sandboxes/{id}", get(get_one).delete(delete))
         .route("/v1/sandboxes/{id}/stop", post(stop))
         .route("/v1/sandboxes/{id}/wait", post(wait))
         .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route(
+            "/v1/sandboxes/{id}/exec/stream",
+            post(crate::exec_stream::exec_stream),
+        )
         .route("/v1/sandboxes/{id}/logs", get(logs))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(crate::files::read).put(crate::files::write),
+        )
+        .route("/v1/sandboxes/{id}/logs/stream", get(crate::logs::stream))
         .route("/v1/images", get(images))
         .route("/v1/images/import", post(import))
         .route("/v1/images/pull", post(pull))
@@ -110,30 +130,59 @@ async fn version(State(m): St) -> Json<VersionInfo> {
     })
 }
 
-#[derive(Deserialize, Default)]
-struct ListQuery {
-    status: Option<String>,
-    tag: Option<String>,
+/// Decodes one `application/x-www-form-urlencoded` component (`+` is a space, `%XX` a byte).
+fn form_decode(s: &str) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("malformed query string: {s:?}"),
+        )
+    };
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = b.get(i + 1..i + 3).ok_or_else(bad)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| bad())?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
-async fn list(
-    State(m): St,
-    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Res<Json<SandboxList>> {
-    let Query(q) = q.map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e.body_text()))?;
+/// `?status=RUNNING,COMPLETED&tag=a&tag=b`: statuses (any of; repeatable or comma-separated) and tags
+/// (all of). Other parameters are ignored.
+async fn list(State(m): St, RawQuery(q): RawQuery) -> Res<Json<SandboxList>> {
     let mut statuses = Vec::new();
-    for s in q
-        .status
-        .iter()
-        .flat_map(|s| s.split(','))
-        .filter(|s| !s.is_empty())
+    let mut tags = Vec::new();
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
     {
-        statuses.push(SandboxStatus::parse(s).ok_or_else(|| {
-            ApiError::invalid_argument("status", format!("unknown status {s:?}"))
-        })?);
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match form_decode(k)?.as_str() {
+            "status" => {
+                for s in form_decode(v)?.split(',').filter(|s| !s.is_empty()) {
+                    statuses.push(SandboxStatus::parse(s).ok_or_else(|| {
+                        ApiError::invalid_argument("status", format!("unknown status {s:?}"))
+                    })?);
+                }
+            }
+            "tag" => tags.push(form_decode(v)?),
+            _ => {}
+        }
     }
     Ok(Json(SandboxList {
-        sandboxes: m.list(&statuses, q.tag.as_deref()).await,
+        sandboxes: m.list(&statuses, &tags).await,
     }))
 }
 
@@ -299,6 +348,15 @@ async fn remove_image(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn form_decoding() {
+        assert_eq!(super::form_decode("a%20b+c%2Cd").unwrap(), "a b c,d");
+        assert_eq!(super::form_decode("%C3%A9").unwrap(), "é");
+        assert!(super::form_decode("%G1").is_err());
+        assert!(super::form_decode("%4").is_err());
+        assert!(super::form_decode("%FF").is_err());
+    }
+
     #[test]
     fn routes_match_the_openapi_document() {
         let mut documented = sandbox_proto::client::openapi_routes(sandbox_proto::OPENAPI_YAML);

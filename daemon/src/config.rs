@@ -56,6 +56,8 @@ pub struct Config {
     pub warm_pool: usize,
     /// How images are pulled.
     pub pull: PullConfig,
+    /// The main processes' logs.
+    pub logs: LogsConfig,
     /// Per-registry settings, keyed by registry host as it appears in normalised references (`docker.io`,
     /// `ghcr.io`, `registry.example:5000`), in the spirit of containerd's `hosts.toml`.
     pub registries: BTreeMap<String, RegistryConfig>,
@@ -87,6 +89,22 @@ impl Default for PullConfig {
     }
 }
 
+/// `[logs]`: the main process's log of each sandbox (`main.log` + `main.log.1` in its state directory).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Bound on the on-disk log of one sandbox, both files together (the older half is dropped first).
+    pub max_bytes: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: sandbox_runtime::logs::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
 /// `[registries."<host>"]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -111,6 +129,7 @@ impl Default for Config {
             exec_max_output_bytes: 16 << 20,
             warm_pool: 2,
             pull: PullConfig::default(),
+            logs: LogsConfig::default(),
             registries: BTreeMap::new(),
         }
     }
@@ -184,6 +203,12 @@ impl Config {
                 })?;
             }
         }
+        if self.logs.max_bytes < sandbox_runtime::logs::MIN_MAX_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "logs.max_bytes must be at least {}",
+                sandbox_runtime::logs::MIN_MAX_BYTES
+            )));
+        }
         if !(self.stop_grace_seconds.is_finite() && self.stop_grace_seconds >= 0.0) {
             return Err(ConfigError::Invalid(
                 "stop_grace_seconds must be >= 0".into(),
@@ -222,5 +247,13 @@ mod tests {
             Config::parse("[registries.\"docker.io\"]\nmirrors = [\"ftp://x\"]\n", "x").is_err()
         );
         assert!(Config::parse("[pull]\nmax_concurrent_downloads = 0\n", "x").is_err());
+        assert_eq!(
+            Config::parse("[logs]\nmax_bytes = 100000\n", "x")
+                .unwrap()
+                .logs
+                .max_bytes,
+            100_000
+        );
+        assert!(Config::parse("[logs]\nmax_bytes = 1000\n", "x").is_err());
     }
 }

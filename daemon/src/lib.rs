@@ -9,6 +9,11 @@
 pub mod api;
 pub mod config;
 pub mod error;
+mod exec_stream;
+pub mod files;
+mod helper;
+mod logs;
 pub mod manager;
 pub mod pull;
+pub mod resources;
 pub mod time;

@@ -6,7 +6,7 @@
 //! processes, cgroup, state directory).
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use sandbox_proto::{
-    quantity, ApiError, CreateSandboxRequest, DiskUsage, ErrorCode, ExecRequest, ExecResult,
-    ExitInfo, ImageInfo, ImageRef, ImageUsage, ImportImageRequest, LogsResult, PruneImagesRequest,
+    ApiError, CreateSandboxRequest, DiskUsage, ErrorCode, ExecRequest, ExecResult, ExitInfo,
+    ImageInfo, ImageRef, ImageUsage, ImportImageRequest, LogsResult, PruneImagesRequest,
     PruneReport, PullImageRequest, PullPolicy, PullResult, ResourceLimits, SandboxInfo,
     SandboxStatus, WaitCondition,
 };
@@ -40,8 +40,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
 /// ...and at most this long in all, if they keep writing.
 const OUTPUT_DRAIN_MAX: Duration = Duration::from_secs(2);
-/// Cap on each log stream returned by the logs call.
-const LOG_CAP: u64 = 16 << 20;
 
 /// The persisted record of one sandbox (`sandboxes/<id>/sandbox.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -75,6 +73,9 @@ pub struct Record {
     /// When the lifetime runs out (ms since the epoch); enforced by the daemon, also after a restart.
     #[serde(default)]
     deadline_ms: Option<u64>,
+    /// The stop was the daemon's, at the end of the lifetime.
+    #[serde(default)]
+    lifetime_expired: bool,
     #[serde(default)]
     requests: ResourceLimits,
     /// Paths of the read-only mounted files.
@@ -131,7 +132,7 @@ impl Record {
     }
 }
 
-struct Entry {
+pub(crate) struct Entry {
     dir: PathBuf,
     rec: StdMutex<Record>,
     status: watch::Sender<SandboxStatus>,
@@ -543,36 +544,9 @@ impl Manager {
         req: CreateSandboxRequest,
     ) -> Result<SandboxInfo, ApiError> {
         let image_ref = ImageRef::parse(&req.image)?;
-        let limits = ResourceLimits {
-            memory_bytes: req
-                .resources
-                .memory
-                .as_deref()
-                .map(|m| quantity::parse_memory("resources.memory", m))
-                .transpose()?,
-            cpu_millis: req
-                .resources
-                .cpu
-                .as_deref()
-                .map(|c| quantity::parse_cpu("resources.cpu", c))
-                .transpose()?,
-            pids: match req.resources.pids {
-                None => None,
-                Some(p) if p >= 1 => Some(p as u64),
-                Some(p) => {
-                    return Err(ApiError::invalid_argument(
-                        "resources.pids",
-                        format!("resources.pids must be at least 1, got {p}"),
-                    ))
-                }
-            },
-        };
-        if limits.memory_bytes.is_some_and(|m| m < 4 << 20) {
-            return Err(ApiError::invalid_argument(
-                "resources.memory",
-                "resources.memory must be at least 4Mi",
-            ));
-        }
+        let limits = crate::resources::parse(&req.resources)?.limits;
+        crate::resources::validate_annotations(&req.annotations)?;
+        crate::resources::validate_lifetime(req.max_lifetime_seconds)?;
         if let Some(n) = &req.name {
             if !valid_name(n) {
                 return Err(ApiError::invalid_argument(
@@ -598,6 +572,7 @@ impl Manager {
             }
         }
         validate_env("env", &req.env)?;
+        let mounts = crate::files::validate_mounts(&req.mounted_files, &req.volumes)?;
         if req.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
             return Err(ApiError::invalid_argument(
                 "tags",
@@ -690,7 +665,7 @@ impl Manager {
         };
 
         match self
-            .start_sandbox(&entry, &rec, &image, &limits, pooled)
+            .start_sandbox(&entry, &rec, &image, &limits, pooled, &mounts)
             .await
         {
             Ok(info) => Ok(info),
@@ -768,8 +743,16 @@ impl Manager {
             deadline_ms: req
                 .max_lifetime_seconds
                 .map(|s| now.saturating_add((s * 1000.0) as u64)),
-            requests: ResourceLimits::default(),
-            mounted_files: req.mounted_files.iter().map(|f| f.mount_path.clone()).collect(),
+            lifetime_expired: false,
+            // Parsed (and checked) by `create` already.
+            requests: crate::resources::parse(&req.resources)
+                .map(|p| p.requests)
+                .unwrap_or_default(),
+            mounted_files: req
+                .mounted_files
+                .iter()
+                .map(|f| f.mount_path.clone())
+                .collect(),
             volumes: req.volumes.clone(),
         };
         let dir = self.root.join(&id);
@@ -835,18 +818,26 @@ impl Manager {
         image: &StoredImage,
         limits: &ResourceLimits,
         pooled: Option<PoolEntry>,
+        mounts: &crate::files::MountPlan,
     ) -> Result<SandboxInfo, ApiError> {
         let cg_limits = Limits {
             memory_bytes: limits.memory_bytes,
             cpu_millis: limits.cpu_millis,
             pids: limits.pids,
         };
+        let requests = sandbox_runtime::cgroups::Requests {
+            cpu_millis: rec.requests.cpu_millis,
+            memory_bytes: rec.requests.memory_bytes,
+        };
         let cgroups = self.cgroups.clone();
         let id = rec.id.clone();
         let pooled_cg = pooled.as_ref().map(|p| p.cgroup.clone());
-        let cgroup = tokio::task::spawn_blocking(move || match pooled_cg {
-            Some(cg) => cgroups.apply_limits(&cg, &cg_limits).map(|()| cg),
-            None => cgroups.create(&id, &cg_limits),
+        let cgroup = tokio::task::spawn_blocking(move || {
+            let cg = match pooled_cg {
+                Some(cg) => cgroups.apply_limits(&cg, &cg_limits).map(|()| cg),
+                None => cgroups.create(&id, &cg_limits),
+            }?;
+            cgroups.apply_requests(&cg, &requests).map(|()| cg)
         })
         .await
         .map_err(|e| internal("cgroup creation", e))?
@@ -862,18 +853,23 @@ impl Manager {
         let layers = tokio::task::spawn_blocking(move || images.layer_dirs(&img))
             .await
             .map_err(|e| internal("image layers", e))?;
+        let (mounted_files, volumes) =
+            crate::files::stage_mounts(&entry.dir, mounts, rec.host_uid).await?;
         let spec = SandboxSpec {
             id: rec.id.clone(),
             hostname: rec.name.clone(),
             state_dir: entry.dir.clone(),
             layers,
             host_uid: rec.host_uid,
+            log_max_bytes: Some(self.cfg.logs.max_bytes),
             cgroup,
             process: if rec.command.is_empty() {
                 None
             } else {
                 Some(rec.process.clone())
             },
+            mounted_files,
+            volumes,
         };
         let spec_data =
             serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
@@ -957,6 +953,9 @@ impl Manager {
                 _ = child.wait() => me.finalize(&id).await,
             }
         });
+        if let Some(deadline) = rec.deadline_ms {
+            self.arm_lifetime(rec.id.clone(), deadline);
+        }
         self.schedule_refill();
         Ok(rec.info())
     }
@@ -1007,6 +1006,14 @@ impl Manager {
                     SandboxStatus::Failed,
                     "the sandbox's supervisor exited without recording an exit status".to_owned(),
                 ),
+                Some(x) if r.stop_requested && r.lifetime_expired => (
+                    SandboxStatus::Terminated,
+                    format!(
+                        "max lifetime reached: stopped after max_lifetime_seconds={}: {}",
+                        r.max_lifetime_seconds.unwrap_or(0.0),
+                        x.reason
+                    ),
+                ),
                 Some(x) if r.stop_requested => {
                     (SandboxStatus::Terminated, format!("stopped: {}", x.reason))
                 }
@@ -1047,14 +1054,14 @@ impl Manager {
         Ok(self.entry(id).await?.snapshot().info())
     }
 
-    /// All sandboxes matching the filters, oldest first.
-    pub async fn list(&self, statuses: &[SandboxStatus], tag: Option<&str>) -> Vec<SandboxInfo> {
+    /// All sandboxes in one of `statuses` (any when empty) that carry every tag of `tags`, oldest first.
+    pub async fn list(&self, statuses: &[SandboxStatus], tags: &[String]) -> Vec<SandboxInfo> {
         let map = self.sandboxes.lock().await;
         let mut v: Vec<SandboxInfo> = map
             .values()
             .map(|e| e.snapshot())
             .filter(|r| statuses.is_empty() || statuses.contains(&r.status))
-            .filter(|r| tag.is_none_or(|t| r.tags.iter().any(|x| x == t)))
+            .filter(|r| tags.iter().all(|t| r.tags.contains(t)))
             .map(|r| r.info())
             .collect();
         v.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
@@ -1107,6 +1114,44 @@ impl Manager {
 
     /// SIGTERM, then SIGKILL after `grace` seconds; answers once the main process has exited.
     pub async fn stop(&self, id: &str, grace: Option<f64>) -> Result<SandboxInfo, ApiError> {
+        self.stop_as(id, grace, false).await
+    }
+
+    /// Stops a sandbox whose lifetime ran out at `deadline_ms`, in `deadline - now` (now when it passed
+    /// already, e.g. while the daemon was down). The sandbox ends TERMINATED with the lifetime as reason.
+    fn arm_lifetime(self: &Arc<Self>, id: String, deadline_ms: u64) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            // The wall clock is read again after each sleep: it may have been set meanwhile, and a long
+            // lifetime is slept in pieces.
+            loop {
+                let now = sandbox_runtime::spec::now_ms();
+                if now >= deadline_ms {
+                    break;
+                }
+                let left = Duration::from_millis((deadline_ms - now).min(3_600_000));
+                tokio::time::sleep(left).await;
+            }
+            let Ok(entry) = me.entry(&id).await else {
+                return;
+            };
+            if entry.snapshot().status.is_terminal() {
+                return;
+            }
+            tracing::info!(%id, "the sandbox's lifetime is over; stopping it");
+            if let Err(e) = me.stop_as(&id, None, true).await {
+                tracing::warn!(%id, "stopping a sandbox at the end of its lifetime: {}", e.message);
+            }
+        });
+    }
+
+    /// [`Manager::stop`]; `expired`: the daemon stops it because its lifetime is over.
+    async fn stop_as(
+        &self,
+        id: &str,
+        grace: Option<f64>,
+        expired: bool,
+    ) -> Result<SandboxInfo, ApiError> {
         let grace = grace.unwrap_or(self.cfg.stop_grace_seconds);
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
             return Err(ApiError::invalid_argument(
@@ -1126,8 +1171,16 @@ impl Manager {
             return Ok(rec.info());
         }
         let rec = entry.update(|r| {
+            if expired && !r.stop_requested {
+                r.lifetime_expired = true;
+            }
             r.stop_requested = true;
-            r.set_status(SandboxStatus::Terminating, Some("stop requested".into()));
+            let why = if r.lifetime_expired {
+                "max lifetime reached: stopping"
+            } else {
+                "stop requested"
+            };
+            r.set_status(SandboxStatus::Terminating, Some(why.into()));
         });
         let Some(init) = rec.init else {
             return Ok(rec.info());
@@ -1229,10 +1282,27 @@ impl Manager {
         Ok(())
     }
 
+    /// The init and host uid of a RUNNING sandbox (for file access); else `SANDBOX_NOT_RUNNING`.
+    pub(crate) async fn running_init(&self, id: &str) -> Result<(ProcRecord, u32), ApiError> {
+        let rec = self.entry(id).await?.snapshot();
+        match (rec.init, rec.status) {
+            (Some(init), SandboxStatus::Running) => Ok((init, rec.host_uid)),
+            _ => Err(ApiError::new(
+                ErrorCode::SandboxNotRunning,
+                format!("sandbox {id} is {}, not RUNNING", rec.status),
+            )),
+        }
+    }
+
     // ---------------------------------------------------------------- exec and logs
 
-    /// Runs a command in a running sandbox and collects its output.
-    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, ApiError> {
+    /// Validates an exec and builds the helper's spec for a RUNNING sandbox.
+    pub(crate) async fn exec_spec(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+        tty: Option<sandbox_runtime::spec::TtySize>,
+    ) -> Result<(Arc<Entry>, ExecSpec), ApiError> {
         if req.command.is_empty() || req.command[0].is_empty() {
             return Err(ApiError::invalid_argument(
                 "command",
@@ -1269,7 +1339,32 @@ impl Manager {
                 user: req.user.clone().unwrap_or_else(|| rec.process.user.clone()),
             },
             timeout_seconds: req.timeout_seconds,
+            tty,
         };
+        Ok((entry, spec))
+    }
+
+    /// The error for an exec helper that could not start the command.
+    pub(crate) fn exec_failure(entry: &Entry, id: &str, message: &str) -> ApiError {
+        let still = entry.snapshot().status == SandboxStatus::Running;
+        if !still || message.contains("not running") {
+            ApiError::new(
+                ErrorCode::SandboxNotRunning,
+                format!("sandbox {id} is not running"),
+            )
+        } else {
+            ApiError::new(ErrorCode::Internal, format!("exec failed: {message}"))
+        }
+    }
+
+    /// The `sandboxd` binary (started again as `exec-helper`).
+    pub(crate) fn exe(&self) -> &Path {
+        &self.exe
+    }
+
+    /// Runs a command in a running sandbox and collects its output.
+    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, ApiError> {
+        let (entry, spec) = self.exec_spec(id, &req, None).await?;
         let cap = req
             .max_output_bytes
             .unwrap_or(self.cfg.exec_max_output_bytes);
@@ -1290,6 +1385,7 @@ impl Manager {
                 code,
                 signal,
                 timed_out,
+                ..
             } => {
                 result.exit_code = code.unwrap_or_else(|| 128 + signal.unwrap_or(0));
                 result.signal = signal;
@@ -1310,20 +1406,7 @@ impl Manager {
                 }
                 Ok(result)
             }
-            ExecEvent::Failed { message } => {
-                let still = entry.snapshot().status == SandboxStatus::Running;
-                if !still || message.contains("not running") {
-                    Err(ApiError::new(
-                        ErrorCode::SandboxNotRunning,
-                        format!("sandbox {id} is not running"),
-                    ))
-                } else {
-                    Err(ApiError::new(
-                        ErrorCode::Internal,
-                        format!("exec failed: {message}"),
-                    ))
-                }
-            }
+            ExecEvent::Failed { message } => Err(Self::exec_failure(&entry, id, &message)),
             ExecEvent::Started { .. } => {
                 Err(internal("exec", "helper ended without an exit status"))
             }
@@ -1333,14 +1416,17 @@ impl Manager {
     /// The main process's output so far (the last 16 MiB of each stream).
     pub async fn logs(&self, id: &str) -> Result<LogsResult, ApiError> {
         let entry = self.entry(id).await?;
-        let dir = entry.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            let out = read_tail(&dir.join("stdout.log"), LOG_CAP)?;
-            let err = read_tail(&dir.join("stderr.log"), LOG_CAP)?;
-            Ok(LogsResult::from_bytes(&out, &err))
+        crate::logs::logs_result(entry.dir.clone()).await
+    }
+
+    /// What a logs stream reads and watches of a sandbox.
+    pub(crate) async fn log_source(&self, id: &str) -> Result<crate::logs::LogSource, ApiError> {
+        let entry = self.entry(id).await?;
+        Ok(crate::logs::LogSource {
+            dir: entry.dir.clone(),
+            status: entry.status.subscribe(),
+            removed: entry.removed.subscribe(),
         })
-        .await
-        .map_err(|e| internal("logs", e))?
     }
 
     // ---------------------------------------------------------------- images
@@ -1585,6 +1671,10 @@ impl Manager {
                         wait_pidfd(fd).await;
                         me.finalize(&id).await;
                     });
+                    // Lifetimes hold across restarts; one that ran out meanwhile ends the sandbox now.
+                    if let Some(deadline) = rec.deadline_ms {
+                        self.arm_lifetime(rec.id.clone(), deadline);
+                    }
                 }
                 None => self.finalize(&rec.id).await,
             }
@@ -1659,24 +1749,6 @@ pub(crate) fn image_info(img: &StoredImage) -> ImageInfo {
     }
 }
 
-fn read_tail(path: &Path, cap: u64) -> Result<Vec<u8>, ApiError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(internal("reading logs", e)),
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len > cap {
-        f.seek(SeekFrom::Start(len - cap))
-            .map_err(|e| internal("reading logs", e))?;
-    }
-    let mut v = Vec::new();
-    f.read_to_end(&mut v)
-        .map_err(|e| internal("reading logs", e))?;
-    Ok(v)
-}
-
 struct ExecOutput {
     event: ExecEvent,
     stdout: Vec<u8>,
@@ -1719,82 +1791,28 @@ async fn run_exec_helper(
     stdin: Option<&[u8]>,
     cap: u64,
 ) -> Result<ExecOutput, ApiError> {
-    let (ours, theirs) =
-        std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", e))?;
-    let theirs_fd = theirs.as_raw_fd();
-    let mut cmd = tokio::process::Command::new(exe);
-    cmd.arg0("sandboxd")
-        .arg("exec-helper")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_clear()
-        // Not killed with the request: a client that goes away must not leave the exec without its
-        // deadline, which the helper enforces.
-        .kill_on_drop(false);
-    // SAFETY: the closure runs in the forked child before exec and only calls dup2/fcntl (through
-    // `place_fd`), which are async-signal-safe; it touches no memory shared with other threads.
-    unsafe {
-        cmd.pre_exec(move || {
-            sandbox_runtime::sys::place_fd(theirs_fd, sandbox_runtime::exec::CONTROL_FD)
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| internal("starting the exec helper", e))?;
-    drop(theirs);
-    ours.set_nonblocking(true)
-        .map_err(|e| internal("socket", e))?;
-    let ctl = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", e))?;
-    let (ctl_r, mut ctl_w) = ctl.into_split();
-    let mut line = serde_json::to_vec(spec).map_err(|e| internal("encoding the exec spec", e))?;
-    line.push(b'\n');
-    ctl_w
-        .write_all(&line)
-        .await
-        .map_err(|e| internal("sending the exec spec", e))?;
-
+    let mut helper = crate::helper::Helper::spawn(exe, spec, stdin.is_some()).await?;
     let out = Arc::new(StdMutex::new(Capped::default()));
     let err = Arc::new(StdMutex::new(Capped::default()));
-    let so = child
-        .stdout
-        .take()
-        .ok_or_else(|| internal("exec", "no stdout pipe"))?;
-    let se = child
-        .stderr
-        .take()
-        .ok_or_else(|| internal("exec", "no stderr pipe"))?;
+    let (Some(so), Some(se)) = (helper.stdout.take(), helper.stderr.take()) else {
+        return Err(internal("exec", "no output pipes"));
+    };
     let t_out = tokio::spawn(collect(so, cap, out.clone()));
     let t_err = tokio::spawn(collect(se, cap, err.clone()));
-    if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
+    if let (Some(data), Some(mut w)) = (stdin, helper.stdin.take()) {
         let data = data.to_vec();
         tokio::spawn(async move {
             let _ = w.write_all(&data).await;
         });
     }
-
-    let mut lines = tokio::io::BufReader::new(ctl_r).lines();
     let mut last = None;
-    while let Ok(Some(l)) = lines.next_line().await {
-        match serde_json::from_str::<ExecEvent>(&l) {
-            Ok(ExecEvent::Started { .. }) => continue,
-            Ok(ev) => {
-                last = Some(ev);
-                break;
-            }
-            Err(e) => {
-                last = Some(ExecEvent::Failed {
-                    message: format!("bad message from the exec helper: {e}"),
-                });
-                break;
-            }
+    while let Some(ev) = helper.next_event().await {
+        if !matches!(ev, ExecEvent::Started { .. }) {
+            last = Some(ev);
+            break;
         }
     }
-    let _ = child.wait().await;
+    let _ = helper.child.wait().await;
     let event = last.unwrap_or(ExecEvent::Failed {
         message: "the exec helper ended without a result".into(),
     });

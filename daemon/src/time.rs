@@ -2,7 +2,20 @@
 
 /// Formats milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ` (UTC).
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
+    format!("{}.{:03}Z", date_time(ms / 1000), ms % 1000)
+}
+
+/// Formats nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ` (UTC).
+pub fn rfc3339_nanos(ns: u64) -> String {
+    format!(
+        "{}.{:09}Z",
+        date_time(ns / 1_000_000_000),
+        ns % 1_000_000_000
+    )
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` of seconds since the Unix epoch (UTC).
+fn date_time(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.
@@ -17,11 +30,10 @@ pub fn rfc3339(ms: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
     format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         (rem % 3600) / 60,
-        rem % 60,
-        ms % 1000
+        rem % 60
     )
 }
 
@@ -34,6 +46,10 @@ mod tests {
         assert_eq!(
             super::rfc3339(1_795_219_200_000),
             "2026-11-21T00:00:00.000Z"
+        );
+        assert_eq!(
+            super::rfc3339_nanos(951_782_400_123_456_789),
+            "2000-02-29T00:00:00.123456789Z"
         );
     }
 }

@@ -17,10 +17,14 @@ use serde::Serialize;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::types::{
     CreateSandboxRequest, DiskUsage, ExecRequest, ExecResult, ImageInfo, ImageList,
-    ImportImageRequest, LogsResult, PruneImagesRequest, PruneReport, PullEvent, PullImageRequest,
-    PullResult, SandboxInfo, SandboxList, SandboxStatus, StopRequest, VersionInfo, WaitRequest,
+    ImportImageRequest, LogEntry, LogsResult, PruneImagesRequest, PruneReport, PullEvent,
+    PullImageRequest, PullResult, SandboxInfo, SandboxList, SandboxStatus, StopRequest,
+    VersionInfo, WaitRequest,
 };
 use crate::{API_PREFIX, DEFAULT_SOCKET, SOCKET_ENV};
+
+mod files;
+pub use files::{CHUNK as FILE_CHUNK, FILE_MODE_HEADER};
 
 /// Everything a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -196,12 +200,22 @@ impl Client {
         status: &[SandboxStatus],
         tag: Option<&str>,
     ) -> Result<SandboxList, ClientError> {
+        self.list_filtered(status, tag.as_slice()).await
+    }
+
+    /// `GET /v1/sandboxes?status=...&tag=...&tag=...`: the sandboxes in one of `status` (all when empty)
+    /// that carry every one of `tags`.
+    pub async fn list_filtered(
+        &self,
+        status: &[SandboxStatus],
+        tags: &[&str],
+    ) -> Result<SandboxList, ClientError> {
         let mut query = Vec::new();
         if !status.is_empty() {
             let s: Vec<&str> = status.iter().map(|s| s.as_str()).collect();
             query.push(format!("status={}", s.join(",")));
         }
-        if let Some(t) = tag {
+        for t in tags {
             query.push(format!("tag={}", percent_encode(t)));
         }
         let mut path = String::from("/sandboxes");
@@ -256,6 +270,36 @@ impl Client {
     pub async fn logs(&self, id: &str) -> Result<LogsResult, ClientError> {
         self.call(Method::GET, sandbox_path(id, "/logs"), None::<&()>)
             .await
+    }
+
+    /// `GET /v1/sandboxes/{id}/logs/stream`: the main process's log as entries (one per line, or piece of a
+    /// line), read with [`LogStream::next`]. With `follow`, the stream goes on until the sandbox has ended
+    /// and everything is sent.
+    pub async fn logs_stream(
+        &self,
+        id: &str,
+        opts: LogStreamOptions,
+    ) -> Result<LogStream, ClientError> {
+        let full = format!(
+            "{API_PREFIX}{}?{}",
+            sandbox_path(id, "/logs/stream"),
+            opts.query()
+        );
+        let (status, incoming) = self.send(Method::GET, &full, None).await?;
+        if !(200..300).contains(&status) {
+            let bytes = incoming
+                .collect()
+                .await
+                .map_err(|e| http_error("reading the answer", e))?
+                .to_bytes();
+            return Err(decode_error(status, &bytes));
+        }
+        Ok(LogStream {
+            body: incoming,
+            pending: Vec::new(),
+            start: 0,
+            done: false,
+        })
     }
 
     /// `POST /v1/images/import`.
@@ -479,6 +523,124 @@ impl Client {
     }
 }
 
+/// What [`Client::logs_stream`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogStreamOptions {
+    /// Keep streaming new output until the sandbox has ended.
+    pub follow: bool,
+    /// Start with the last N lines (over both streams) instead of the beginning.
+    pub tail_lines: Option<u64>,
+    /// Include each entry's timestamp.
+    pub timestamps: bool,
+    /// Include stdout.
+    pub stdout: bool,
+    /// Include stderr.
+    pub stderr: bool,
+}
+
+impl Default for LogStreamOptions {
+    fn default() -> Self {
+        Self {
+            follow: false,
+            tail_lines: None,
+            timestamps: false,
+            stdout: true,
+            stderr: true,
+        }
+    }
+}
+
+impl LogStreamOptions {
+    fn query(&self) -> String {
+        let mut q = format!(
+            "follow={}&timestamps={}&stdout={}&stderr={}",
+            self.follow, self.timestamps, self.stdout, self.stderr
+        );
+        if let Some(n) = self.tail_lines {
+            q.push_str(&format!("&tail_lines={n}"));
+        }
+        q
+    }
+}
+
+/// The entries of a logs stream, as they arrive (see [`Client::logs_stream`]).
+pub struct LogStream {
+    body: hyper::body::Incoming,
+    pending: Vec<u8>,
+    /// Start of the unread part of `pending`.
+    start: usize,
+    done: bool,
+}
+
+impl std::fmt::Debug for LogStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStream")
+            .field("buffered", &(self.pending.len() - self.start))
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStream {
+    /// The next entry; `None` once the stream has ended.
+    pub async fn next(&mut self) -> Option<Result<LogEntry, ClientError>> {
+        loop {
+            if let Some(i) = self.pending[self.start..].iter().position(|b| *b == b'\n') {
+                let line = &self.pending[self.start..self.start + i];
+                self.start += i + 1;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Some(serde_json::from_slice(line).map_err(|e| {
+                    ClientError::Protocol(format!("invalid log entry: {e}: {}", snippet(line)))
+                }));
+            }
+            if self.start > 0 {
+                self.pending.drain(..self.start);
+                self.start = 0;
+            }
+            if self.done {
+                if self.pending.iter().all(u8::is_ascii_whitespace) {
+                    return None;
+                }
+                let rest = std::mem::take(&mut self.pending);
+                return Some(Err(ClientError::Protocol(format!(
+                    "the logs stream ended inside an entry: {}",
+                    snippet(&rest)
+                ))));
+            }
+            match self.body.frame().await {
+                None => self.done = true,
+                Some(Err(e)) => {
+                    self.done = true;
+                    self.pending.clear();
+                    return Some(Err(http_error("reading the logs stream", e)));
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.pending.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A [`LogStream`] read through a [`BlockingClient`]: an iterator of entries.
+#[derive(Debug)]
+pub struct BlockingLogStream<'a> {
+    client: &'a BlockingClient,
+    inner: LogStream,
+}
+
+impl Iterator for BlockingLogStream<'_> {
+    type Item = Result<LogEntry, ClientError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.client.block_on(self.inner.next())
+    }
+}
+
 fn sandbox_path(id: &str, suffix: &str) -> String {
     format!("/sandboxes/{}{suffix}", percent_encode(id))
 }
@@ -570,6 +732,28 @@ impl BlockingClient {
         tag: Option<&str>,
     ) -> Result<SandboxList, ClientError> {
         self.block_on(self.inner.list(status, tag))
+    }
+
+    /// See [`Client::list_filtered`].
+    pub fn list_filtered(
+        &self,
+        status: &[SandboxStatus],
+        tags: &[&str],
+    ) -> Result<SandboxList, ClientError> {
+        self.block_on(self.inner.list_filtered(status, tags))
+    }
+
+    /// See [`Client::logs_stream`]: an iterator of entries (it blocks while following).
+    pub fn logs_stream(
+        &self,
+        id: &str,
+        opts: LogStreamOptions,
+    ) -> Result<BlockingLogStream<'_>, ClientError> {
+        let inner = self.block_on(self.inner.logs_stream(id, opts))?;
+        Ok(BlockingLogStream {
+            client: self,
+            inner,
+        })
     }
 
     /// See [`Client::get`].
@@ -785,6 +969,50 @@ mod tests {
         assert!(seen
             .head
             .starts_with("DELETE /v1/sandboxes/web?force=true HTTP/1.1\r\n"));
+        let _ = std::fs::remove_file(&sock);
+    }
+
+    #[tokio::test]
+    async fn logs_stream_reads_entries_and_list_takes_tags() {
+        let sock = temp_socket();
+        let server = serve_once(
+            &sock,
+            200,
+            "{\"stream\":\"stdout\",\"data\":\"a\\n\"}\n\n{\"stream\":\"stderr\",\"data\":\"AAE=\",\"encoding\":\"base64\",\"timestamp\":\"t\"}\n",
+        );
+        let c = Client::new(&sock);
+        let opts = LogStreamOptions {
+            follow: true,
+            tail_lines: Some(3),
+            stderr: false,
+            ..LogStreamOptions::default()
+        };
+        let mut st = c.logs_stream("web", opts).await.expect("stream");
+        let a = st.next().await.expect("one").expect("entry");
+        assert_eq!((a.stream.as_str(), a.bytes()), ("stdout", b"a\n".to_vec()));
+        let b = st.next().await.expect("two").expect("entry");
+        assert!(b.is_stderr());
+        assert_eq!(b.bytes(), [0, 1]);
+        assert_eq!(b.timestamp.as_deref(), Some("t"));
+        assert!(st.next().await.is_none());
+        let seen = server.await.expect("server");
+        assert!(
+            seen.head.starts_with(
+                "GET /v1/sandboxes/web/logs/stream?follow=true&timestamps=false&stdout=true&stderr=false&tail_lines=3 HTTP/1.1\r\n"
+            ),
+            "{}",
+            seen.head
+        );
+
+        let server = serve_once(&sock, 200, r#"{"sandboxes":[]}"#);
+        c.list_filtered(&[], &["a", "b c"]).await.expect("list");
+        let seen = server.await.expect("server");
+        assert!(
+            seen.head
+                .starts_with("GET /v1/sandboxes?tag=a&tag=b%20c HTTP/1.1\r\n"),
+            "{}",
+            seen.head
+        );
         let _ = std::fs::remove_file(&sock);
     }
 

@@ -64,7 +64,9 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::InvalidRequest | Self::InvalidArgument | Self::InvalidImage => 400,
-            Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound | Self::FileNotFound => 404,
+            Self::SandboxNotFound | Self::ImageNotFound | Self::NotFound | Self::FileNotFound => {
+                404
+            }
             Self::FileReadOnly => 409,
             Self::FileError => 400,
             Self::ExecTimeout | Self::WaitTimeout => 408,

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod error;
+pub mod exec_stream;
 pub mod image_ref;
 pub mod quantity;
 pub mod stream;

@@ -204,6 +204,9 @@ mod tests {
         assert!(matches!(parse_header(&big), Err(FrameError::TooLarge(_))));
         let mut bad = header(Kind::Stdin, 0);
         bad[0] = 99;
-        assert!(matches!(parse_header(&bad), Err(FrameError::UnknownKind(99))));
+        assert!(matches!(
+            parse_header(&bad),
+            Err(FrameError::UnknownKind(99))
+        ));
     }
 }

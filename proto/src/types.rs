@@ -232,6 +232,18 @@ fn is_text(e: &OutputEncoding) -> bool {
     *e == OutputEncoding::Utf8
 }
 
+impl LogEntry {
+    /// The decoded bytes of `data`.
+    pub fn bytes(&self) -> Vec<u8> {
+        decode(self.encoding, &self.data)
+    }
+
+    /// True for stderr.
+    pub fn is_stderr(&self) -> bool {
+        self.stream == "stderr"
+    }
+}
+
 /// When `POST /v1/sandboxes` pulls its image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

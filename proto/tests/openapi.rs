@@ -26,7 +26,11 @@ fn routes_are_exactly_the_api() {
         route("POST", "/v1/sandboxes/{id}/stop"),
         route("POST", "/v1/sandboxes/{id}/wait"),
         route("POST", "/v1/sandboxes/{id}/exec"),
+        route("POST", "/v1/sandboxes/{id}/exec/stream"),
         route("GET", "/v1/sandboxes/{id}/logs"),
+        route("GET", "/v1/sandboxes/{id}/logs/stream"),
+        route("GET", "/v1/sandboxes/{id}/files"),
+        route("PUT", "/v1/sandboxes/{id}/files"),
         route("POST", "/v1/images/import"),
         route("POST", "/v1/images/pull"),
         route("POST", "/v1/images/prune"),
@@ -325,6 +329,15 @@ fn object_schemas_match_serde() {
         }),
     };
     check_object("Resources", &full_resources, &Resources::default());
+    check_object(
+        "ResourceValues",
+        &ResourceValues {
+            memory: Some("1".into()),
+            cpu: Some("1".into()),
+            pids: Some(1),
+        },
+        &ResourceValues::default(),
+    );
     check_object("ResourceLimits", &full_limits(), &ResourceLimits::default());
     let full_create = CreateSandboxRequest {
         image: "busybox".into(),
@@ -352,6 +365,21 @@ fn object_schemas_match_serde() {
         &full_create,
         &CreateSandboxRequest::default(),
     );
+    check_object(
+        "MountedFile",
+        &full_create.mounted_files[0],
+        &MountedFile {
+            mode: None,
+            ..full_create.mounted_files[0].clone()
+        },
+    );
+    check_object("VolumeSpec", &full_volume(), &full_volume());
+    let file_info = FileInfo {
+        path: "/data/x".into(),
+        size: 1,
+        mode: 0o644,
+    };
+    check_object("FileInfo", &file_info, &file_info);
     check_object(
         "ExitInfo",
         &full_exit(),
@@ -404,7 +432,53 @@ fn object_schemas_match_serde() {
         ..ExecResult::default()
     };
     check_object("ExecResult", &full_result, &ExecResult::default());
+    let full_init = sandbox_proto::stream::ExecStreamInit {
+        command: vec!["sh".into()],
+        cwd: Some("/".into()),
+        env: BTreeMap::from([("A".into(), "B".into())]),
+        user: Some("0".into()),
+        timeout_seconds: Some(1.0),
+        stdin: true,
+        tty: true,
+        width: Some(80),
+        height: Some(24),
+    };
+    check_object(
+        "ExecStreamInit",
+        &full_init,
+        &sandbox_proto::stream::ExecStreamInit::default(),
+    );
+    let full_exit = sandbox_proto::stream::ExecExit {
+        exit_code: 137,
+        signal: Some(9),
+        timed_out: true,
+        cancelled: true,
+        duration_ms: 1.0,
+    };
+    check_object(
+        "ExecExit",
+        &full_exit,
+        &sandbox_proto::stream::ExecExit {
+            signal: None,
+            ..full_exit.clone()
+        },
+    );
     check_object("LogsResult", &LogsResult::default(), &LogsResult::default());
+    check_object(
+        "LogEntry",
+        &LogEntry {
+            stream: "stderr".into(),
+            data: "AAE=".into(),
+            encoding: OutputEncoding::Base64,
+            timestamp: Some("2026-01-02T03:04:05.123456789Z".into()),
+        },
+        &LogEntry {
+            stream: "stdout".into(),
+            data: "line\n".into(),
+            encoding: OutputEncoding::Utf8,
+            timestamp: None,
+        },
+    );
     check_object(
         "ExecTimeoutDetails",
         &LogsResult::default(),

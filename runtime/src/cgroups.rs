@@ -166,6 +166,29 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+/// What a sandbox is guaranteed rather than limited to. `None` leaves the kernel default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requests {
+    /// CPU request in millicores: the cgroup's CPU weight (v1 `cpu.shares` = millicores * 1024 / 1000, at
+    /// least 2; v2 `cpu.weight` converted from those shares as Kubernetes does).
+    pub cpu_millis: Option<u64>,
+    /// Memory request in bytes: a soft limit (v1 `memory.soft_limit_in_bytes`), a protection on v2
+    /// (`memory.low`).
+    pub memory_bytes: Option<u64>,
+}
+
+/// v1 `cpu.shares` for a CPU request.
+pub fn cpu_shares(millis: u64) -> u64 {
+    (millis.saturating_mul(1024) / 1000).clamp(2, 262_144)
+}
+
+/// v2 `cpu.weight` (1-10000) for a CPU request, through its v1 shares (the conversion of Kubernetes and
+/// runc).
+pub fn cpu_weight(millis: u64) -> u64 {
+    let shares = cpu_shares(millis);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
 /// Memory bytes, CPU quota (us per period) and pids, as the kernel files take them.
 type KernelLimits = (Option<i64>, Option<i64>, Option<i64>);
 
@@ -522,6 +545,37 @@ impl CgroupManager {
                     &PidController::new(dir.clone(), h.mount_point.clone(), v2),
                     n,
                 )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `requests` into an existing sandbox cgroup: CPU weight and soft memory limit (see
+    /// [`Requests`]). `None` fields are left as they are.
+    pub fn apply_requests(&self, cg: &SandboxCgroup, req: &Requests) -> Result<(), CgroupError> {
+        if cg.dirs.len() != self.hiers.len() {
+            return Err(CgroupError::EmptyHandle);
+        }
+        let memory = req
+            .memory_bytes
+            .map(|b| to_i64("memory request", b))
+            .transpose()?;
+        let v2 = self.version == CgroupVersion::V2;
+        for (h, dir) in self.hiers.iter().zip(&cg.dirs) {
+            let has = |c: Ctl| v2 || h.ctls.contains(&c);
+            if let Some(m) = req.cpu_millis.filter(|_| has(Ctl::Cpu)) {
+                if v2 {
+                    write_existing_or_new(&dir.join("cpu.weight"), &cpu_weight(m).to_string())?;
+                } else {
+                    write_existing(&dir.join("cpu.shares"), &cpu_shares(m).to_string())?;
+                }
+            }
+            if let Some(b) = memory.filter(|_| has(Ctl::Memory)) {
+                if v2 {
+                    write_existing_or_new(&dir.join("memory.low"), &b.to_string())?;
+                } else {
+                    write_existing(&dir.join("memory.soft_limit_in_bytes"), &b.to_string())?;
+                }
             }
         }
         Ok(())

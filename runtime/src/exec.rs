@@ -11,7 +11,7 @@
 //! 5. waits for it with a deadline; at the deadline it SIGKILLs every process of the leaf cgroup.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -21,7 +21,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::spec::{ExecEvent, ExecSpec};
+use crate::spec::{ExecControl, ExecEvent, ExecSpec, TtySize};
 
 /// The namespaces an exec joins.
 pub const JOIN_NS: CloneFlags = CloneFlags::from_bits_truncate(
@@ -175,6 +175,130 @@ fn remove_leaf_if_empty(leaf: &Leaf) {
     }
 }
 
+/// The pseudo-terminal of a TTY exec: the master stays with the helper, the slave becomes the
+/// command's stdin, stdout, stderr and controlling terminal.
+struct Pty {
+    master: OwnedFd,
+    /// Closed in the helper once the command has its copies.
+    slave: Option<OwnedFd>,
+}
+
+/// Opens a terminal pair on the sandbox's devpts (the caller is already in its mount namespace).
+fn open_pty(size: TtySize) -> Result<Pty, String> {
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)
+        .map_err(|e| format!("opening /dev/ptmx in the sandbox: {e}"))?;
+    nix::pty::grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
+    nix::pty::unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
+    let name = nix::pty::ptsname_r(&master).map_err(|e| format!("ptsname: {e}"))?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("opening {name}: {e}"))?;
+    crate::sys::set_winsize(master.as_fd(), size.width, size.height)
+        .map_err(|e| format!("setting the terminal size: {e}"))?;
+    let master = OwnedFd::from(master);
+    set_nonblocking(master.as_fd());
+    Ok(Pty {
+        master,
+        slave: Some(slave),
+    })
+}
+
+fn set_nonblocking(fd: BorrowedFd<'_>) {
+    if let Ok(flags) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags));
+    }
+}
+
+/// In the forked child: the terminal's slave becomes stdin/stdout/stderr and the controlling terminal.
+fn attach_tty(slave: BorrowedFd<'_>) -> Result<(), nix::errno::Errno> {
+    nix::unistd::setsid()?;
+    nix::unistd::dup2_stdin(slave)?;
+    nix::unistd::dup2_stdout(slave)?;
+    nix::unistd::dup2_stderr(slave)?;
+    crate::sys::set_controlling_tty(std::io::stdin().as_fd()).map_err(|_| nix::errno::Errno::ENOTTY)
+}
+
+/// Control messages read from fd 3 after the spec.
+struct Control {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Control {
+    /// Reads what is available (the socket is non-blocking) and returns the complete messages.
+    fn read(&mut self, ctl: &mut UnixStream) -> Vec<ExecControl> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match std::io::Read::read(ctl, &mut chunk) {
+                Ok(0) => {
+                    self.closed = true;
+                    break;
+                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.closed = true;
+                    break;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            if let Ok(m) = serde_json::from_slice::<ExecControl>(&line) {
+                out.push(m);
+            }
+        }
+        out
+    }
+}
+
+/// Relays bytes between one readable and one writable fd without ever blocking on either.
+#[derive(Default)]
+struct Relay {
+    pending: Vec<u8>,
+    eof: bool,
+}
+
+impl Relay {
+    /// Reads from `from` if nothing is pending; then writes what it can to `to`. Returns false when `from`
+    /// reached its end (or failed) and nothing is left to write.
+    fn step(&mut self, from: BorrowedFd<'_>, to: BorrowedFd<'_>) {
+        if self.pending.is_empty() && !self.eof {
+            let mut buf = vec![0u8; 64 * 1024];
+            match nix::unistd::read(from, &mut buf) {
+                Ok(0) => self.eof = true,
+                Ok(n) => {
+                    buf.truncate(n);
+                    self.pending = buf;
+                }
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {}
+                // EIO on a master: every holder of the slave has gone.
+                Err(_) => self.eof = true,
+            }
+        }
+        while !self.pending.is_empty() {
+            match nix::unistd::write(to, &self.pending) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(_) => {
+                    // The reader went away: drop what it will never read.
+                    self.pending.clear();
+                    self.eof = true;
+                }
+            }
+        }
+    }
+}
+
 fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
     if spec.process.args.is_empty() {
         return Err("empty command".to_owned());
@@ -184,11 +308,16 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         .map_err(|_| "the sandbox is not running".to_owned())?;
     let leaf = open_leaf(spec)?;
     let filter = crate::seccomp::default_filter().map_err(|e| format!("seccomp filter: {e}"))?;
+    // The helper's own copies of stdin/stdout/stderr are replaced by /dev/null once the command has
+    // them, so that end-of-file and broken pipes reach the daemon when the command ends.
+    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
     crate::sys::setns(init.as_fd(), JOIN_NS.bits())
         .map_err(|e| format!("entering the sandbox's namespaces: {e}"))?;
     let hostname = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok());
+    let mut pty = spec.tty.map(open_pty).transpose()?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
 
     let (pid, pidfd) = match crate::sys::clone3_fork(0, None)
@@ -199,6 +328,11 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
             let mut b = [0u8; 1];
             if !matches!(nix::unistd::read(&go_r, &mut b), Ok(1)) {
                 crate::sys::exit_now(1);
+            }
+            if let Some(slave) = pty.as_ref().and_then(|p| p.slave.as_ref()) {
+                if attach_tty(slave.as_fd()).is_err() {
+                    crate::sys::exit_now(126);
+                }
             }
             crate::process::exec_user_process(&spec.process, hostname.as_deref(), Some(&filter))
         }
@@ -216,32 +350,133 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
     drop(go_w);
     send(ctl, &ExecEvent::Started { pid: pid.as_raw() });
 
+    // Our stdio: with a TTY it is relayed (stdin -> master, master -> stdout); without, the command
+    // has its own copies and ours go.
+    let (stdin, stdout) = match &mut pty {
+        Some(p) => {
+            drop(p.slave.take());
+            let i = nix::unistd::dup(std::io::stdin().as_fd()).map_err(|e| format!("dup: {e}"))?;
+            let o = nix::unistd::dup(std::io::stdout().as_fd()).map_err(|e| format!("dup: {e}"))?;
+            set_nonblocking(i.as_fd());
+            set_nonblocking(o.as_fd());
+            (Some(i), Some(o))
+        }
+        None => (None, None),
+    };
+    let _ = nix::unistd::dup2_stdin(&devnull);
+    let _ = nix::unistd::dup2_stdout(&devnull);
+    let _ = nix::unistd::dup2_stderr(&devnull);
+    drop(devnull);
+    let _ = ctl.set_nonblocking(true);
+
     let deadline = spec
         .timeout_seconds
         .filter(|t| t.is_finite() && *t > 0.0)
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut timed_out = false;
-    if let Some(deadline) = deadline {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ms = left.as_millis().min(i32::MAX as u128) as i32;
-            let mut fds = [nix::poll::PollFd::new(
-                pidfd.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            match nix::poll::poll(
-                &mut fds,
-                nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
-            ) {
-                Ok(0) => {
-                    timed_out = true;
-                    kill_leaf(&leaf);
-                    break;
-                }
-                Ok(_) => break,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(format!("poll: {e}")),
+    let mut cancelled = false;
+    let mut control = Control {
+        buf: Vec::new(),
+        closed: false,
+    };
+    let mut input = Relay::default();
+    let mut output = Relay::default();
+    let mut sent_eof = false;
+    loop {
+        use nix::poll::{PollFd, PollFlags};
+        let ms = match deadline {
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                left.as_millis().min(i32::MAX as u128) as i32
             }
+            None => -1,
+        };
+        let mut fds = vec![PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+        if !control.closed {
+            fds.push(PollFd::new(ctl.as_fd(), PollFlags::POLLIN));
+        }
+        let mut tty_slots = None;
+        if let (Some(p), Some(i), Some(o)) = (&pty, &stdin, &stdout) {
+            let base = fds.len();
+            // stdin -> master: read stdin when nothing is pending, else wait for the master to drain.
+            let want_in = if input.pending.is_empty() {
+                (!input.eof).then(|| PollFd::new(i.as_fd(), PollFlags::POLLIN))
+            } else {
+                Some(PollFd::new(p.master.as_fd(), PollFlags::POLLOUT))
+            };
+            let want_out = if output.pending.is_empty() {
+                (!output.eof).then(|| PollFd::new(p.master.as_fd(), PollFlags::POLLIN))
+            } else {
+                Some(PollFd::new(o.as_fd(), PollFlags::POLLOUT))
+            };
+            let n_in = want_in.is_some();
+            fds.extend(want_in);
+            fds.extend(want_out);
+            tty_slots = Some((base, n_in));
+        }
+        let n = match nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+        ) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(format!("poll: {e}")),
+        };
+        if n == 0 && deadline.is_some() {
+            timed_out = true;
+            kill_leaf(&leaf);
+            break;
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        let child_done = ready(&fds[0]);
+        let ctl_ready = !control.closed && ready(&fds[1]);
+        let (tty_in, tty_out) = match tty_slots {
+            Some((base, n_in)) => {
+                let a = n_in && fds.get(base).is_some_and(ready);
+                let b_idx = if n_in { base + 1 } else { base };
+                (a, fds.get(b_idx).is_some_and(ready))
+            }
+            None => (false, false),
+        };
+        drop(fds);
+        if let (Some(p), Some(i), Some(o)) = (&pty, &stdin, &stdout) {
+            if tty_in {
+                input.step(i.as_fd(), p.master.as_fd());
+                if input.eof && !sent_eof && input.pending.is_empty() {
+                    // End of the client's input: the terminal's EOF character, once.
+                    let _ = nix::unistd::write(&p.master, &[4u8]);
+                    sent_eof = true;
+                }
+            }
+            if tty_out {
+                output.step(p.master.as_fd(), o.as_fd());
+            }
+        }
+        if ctl_ready {
+            for m in control.read(ctl) {
+                match m {
+                    ExecControl::Cancel => {
+                        cancelled = true;
+                        kill_leaf(&leaf);
+                    }
+                    ExecControl::Signal { signal } => {
+                        let _ = crate::sys::pidfd_send_signal(pidfd.as_fd(), signal);
+                    }
+                    ExecControl::Resize { width, height } => {
+                        if let Some(p) = &pty {
+                            let _ = crate::sys::set_winsize(p.master.as_fd(), width, height);
+                        }
+                    }
+                }
+            }
+            if control.closed {
+                // The daemon (and with it the client) is gone: nothing will read the output.
+                cancelled = true;
+                kill_leaf(&leaf);
+            }
+        }
+        if child_done {
+            break;
         }
     }
     let ws = loop {
@@ -250,6 +485,28 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
             other => break other,
         }
     };
+    // What the command wrote to the terminal before it ended is still in the master: pass it on.
+    if let (Some(p), Some(o)) = (&pty, &stdout) {
+        let _ = nix::fcntl::fcntl(o.as_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::empty()));
+        loop {
+            output.step(p.master.as_fd(), o.as_fd());
+            if output.pending.is_empty() {
+                let mut probe = [nix::poll::PollFd::new(
+                    p.master.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let more = matches!(
+                    nix::poll::poll(&mut probe, nix::poll::PollTimeout::ZERO),
+                    Ok(n) if n > 0
+                ) && probe[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLIN));
+                if output.eof || !more {
+                    break;
+                }
+            }
+        }
+    }
     let (code, signal) = match ws {
         Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
         Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
@@ -257,10 +514,11 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         Err(e) => return Err(format!("waitpid: {e}")),
     };
     remove_leaf_if_empty(&leaf);
-    let _ = pidfd.as_raw_fd();
+    let _ = ctl.set_nonblocking(false);
     Ok(ExecEvent::Exited {
         code,
         signal,
         timed_out,
+        cancelled,
     })
 }

@@ -5,12 +5,18 @@
 //! - [`seccomp`]: the default seccomp filter.
 //! - [`spec`]: what the daemon hands a sandbox's supervisor.
 //! - [`shim`]: the per-sandbox supervisor and the sandbox's init.
+//! - [`logs`]: the main process's bounded, timestamped log (written by the supervisor, read by the daemon).
+//! - [`files`]: reading and writing files of a running sandbox from the host, resolved inside its root.
+//! - [`mounts`]: mounted files and scratch volumes, set up by the sandbox's init.
 //! - [`exec`]: the helper that enters a running sandbox and runs a command in it.
 //! - [`sys`]: the few raw syscalls the crates above do not wrap, each behind a small safe function.
 
 pub mod cgroups;
 pub mod exec;
+pub mod files;
 pub mod image;
+pub mod logs;
+pub mod mounts;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;

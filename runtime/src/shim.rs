@@ -9,8 +9,10 @@
 //!    sandbox's cgroup, bind-mounts each image layer idmapped through the sandbox's user namespace and
 //!    mounts the overlay (layers read-only, the sandbox's own upper) — then lets the init go on;
 //! 4. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
-//! 5. reaps the init, reads the main process's status from it, checks the memory cgroup for an OOM kill,
-//!    writes `exit.json` durably and exits (the daemon then records the exit and removes the cgroup). The daemon learns of the exit through a
+//! 5. reads the main process's stdout and stderr from two pipes into the sandbox's bounded log
+//!    ([`crate::logs`]), polling them together with the init's status pipe and pidfd (no timer unless a
+//!    partial line waits for its newline); once the main process has ended and its output is drained, it
+//!    reaps the init, checks the memory cgroup for an OOM kill, writes `exit.json` durably and exits (the daemon then records the exit and removes the cgroup). The daemon learns of the exit through a
 //!    pidfd on the supervisor — also after the daemon itself was restarted.
 //!
 //! The init (pid 1 inside) unshares the mount and cgroup namespaces, pivots into the rootfs, mounts
@@ -22,8 +24,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStringExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::CloneFlags;
@@ -32,6 +35,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::cgroups::SandboxCgroup;
+use crate::logs::{LogWriter, Stream};
 use crate::spec::{
     read_json, write_json_atomic, write_json_replace, ExitRecord, ProcRecord, SandboxSpec,
     StartReport, ID_RANGE,
@@ -93,6 +97,27 @@ const CLONE_NS: CloneFlags = CloneFlags::from_bits_truncate(
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+}
+
+/// Pipe buffer of the main process's stdout and stderr: large writes do not wait for the supervisor.
+const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
+/// How long a line may wait for its newline before it is logged as a partial line.
+const PARTIAL_FLUSH: Duration = Duration::from_millis(100);
+/// Once the main process has ended, how long its output pipes may stay open (held by processes still
+/// being killed with the sandbox) before the supervisor stops reading them.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A pipe for the main process's stdout or stderr: large buffer, the supervisor's end non-blocking.
+fn output_pipe() -> Result<Pipe, ShimError> {
+    let p = pipe()?;
+    let _ = nix::fcntl::fcntl(
+        &p.read,
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(OUTPUT_PIPE_SIZE),
+    );
+    let flags = nix::fcntl::fcntl(&p.read, nix::fcntl::FcntlArg::F_GETFL).map_err(step("fcntl"))?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(&p.read, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(step("fcntl"))?;
+    Ok(p)
 }
 
 fn pipe() -> Result<Pipe, ShimError> {
@@ -175,9 +200,14 @@ pub fn main(state_dir: Option<PathBuf>, pool_cgroup: Option<SandboxCgroup>) -> i
 /// The sandbox-independent half of creation: done ahead of time by pooled supervisors.
 struct Prepared {
     pid: Pid,
+    /// The init's pidfd.
+    pidfd: OwnedFd,
     go: OwnedFd,
     ready: OwnedFd,
     status: OwnedFd,
+    /// Read ends of the main process's stdout and stderr.
+    out: OwnedFd,
+    err: OwnedFd,
     /// The cgroup the init already joined (pooled supervisors).
     cgroup: Option<SandboxCgroup>,
 }
@@ -191,19 +221,27 @@ impl Prepared {
         let go = pipe()?;
         let ready = pipe()?;
         let status = pipe()?;
+        let out = output_pipe()?;
+        let err = output_pipe()?;
         match crate::sys::clone3_fork(CLONE_NS.bits() as u64, None).map_err(step("clone3"))? {
             crate::sys::CloneResult::Child => {
                 drop(go.write);
                 drop(ready.read);
                 drop(status.read);
-                init_main(go.read, ready.write, status.write, &filter)
+                drop(out.read);
+                drop(err.read);
+                let output = [out.write, err.write];
+                init_main(go.read, ready.write, status.write, output, &filter)
             }
-            crate::sys::CloneResult::Parent { pid, .. } => {
+            crate::sys::CloneResult::Parent { pid, pidfd } => {
                 let me = Self {
                     pid: Pid::from_raw(pid),
+                    pidfd,
                     go: go.write,
                     ready: ready.read,
                     status: status.read,
+                    out: out.read,
+                    err: err.read,
                     cgroup,
                 };
                 if let Some(cg) = &me.cgroup {
@@ -253,7 +291,11 @@ fn detach_stdout() {
 struct Init {
     record: ProcRecord,
     pid: Pid,
+    pidfd: OwnedFd,
     status_read: OwnedFd,
+    /// Read ends of the main process's stdout and stderr.
+    out: OwnedFd,
+    err: OwnedFd,
 }
 
 fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
@@ -270,16 +312,6 @@ fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
     Ok(())
 }
 
-fn open_log(path: &Path) -> Result<File, ShimError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(step(format!("opening {}", path.display())))
-}
-
 fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
     let pid = pre.pid;
     let fail = |e: ShimError| {
@@ -289,8 +321,6 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
     };
     let prepared = (|| {
         write_support_files(spec)?;
-        drop(open_log(&spec.state_dir.join("stdout.log"))?);
-        drop(open_log(&spec.state_dir.join("stderr.log"))?);
         let upper = spec.state_dir.join("upper");
         let work = spec.state_dir.join("work");
         let rootfs = spec.state_dir.join("rootfs");
@@ -307,7 +337,7 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
     })();
     prepared.map_err(fail)?;
 
-    // The go message is the state directory: the init reads its spec and opens its logs from there.
+    // The go message is the state directory: the init reads its spec from there.
     let mut go_w = File::from(pre.go);
     go_w.write_all(spec.state_dir.as_os_str().as_encoded_bytes())
         .map_err(step("releasing init"))
@@ -337,7 +367,10 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
     Ok(Init {
         record,
         pid,
+        pidfd: pre.pidfd,
         status_read: pre.status,
+        out: pre.out,
+        err: pre.err,
     })
 }
 
@@ -437,16 +470,14 @@ fn stdio_to_null() {
     }
 }
 
-fn open_for_append(path: &Path) -> Result<File, String> {
-    OpenOptions::new()
-        .append(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))
-}
-
 /// The init, from clone to forever. Never returns.
-fn init_main(go: OwnedFd, ready: OwnedFd, status: OwnedFd, filter: &seccompiler::BpfProgram) -> ! {
+fn init_main(
+    go: OwnedFd,
+    ready: OwnedFd,
+    status: OwnedFd,
+    output: [OwnedFd; 2],
+    filter: &seccompiler::BpfProgram,
+) -> ! {
     // Wait for the supervisor: the message is the state directory (EOF without one: abandoned).
     let mut dir = Vec::new();
     if File::from(go).read_to_end(&mut dir).is_err() || dir.is_empty() {
@@ -457,9 +488,7 @@ fn init_main(go: OwnedFd, ready: OwnedFd, status: OwnedFd, filter: &seccompiler:
         let spec: SandboxSpec = read_json(&state_dir.join("spec.json"))
             .map_err(|e| format!("reading the spec: {e}"))?
             .ok_or_else(|| "no spec.json".to_owned())?;
-        let stdout = open_for_append(&state_dir.join("stdout.log"))?;
-        let stderr = open_for_append(&state_dir.join("stderr.log"))?;
-        init_setup(&spec, stdout, stderr, filter, &ready)
+        init_setup(&spec, output, filter, &ready)
     })();
     let main_pid = match setup {
         Ok(p) => p,
@@ -473,10 +502,12 @@ fn init_main(go: OwnedFd, ready: OwnedFd, status: OwnedFd, filter: &seccompiler:
     init_loop(main_pid, status)
 }
 
+/// `output`: the write ends of the stdout and stderr pipes, for the main process only (the init's own copies
+/// are closed once it has forked it, so the supervisor sees end-of-file when the main process and what it
+/// started are gone).
 fn init_setup(
     spec: &SandboxSpec,
-    stdout: File,
-    stderr: File,
+    output: [OwnedFd; 2],
     filter: &seccompiler::BpfProgram,
     ready: &OwnedFd,
 ) -> Result<Option<Pid>, String> {
@@ -485,6 +516,8 @@ fn init_setup(
     let rootfs = spec.state_dir.join("rootfs");
     nix::unistd::chdir(&rootfs).map_err(|e| format!("chdir {}: {e}", rootfs.display()))?;
     let support = crate::rootfs::SupportFiles::open(&spec.state_dir).map_err(|e| e.to_string())?;
+    // Mounted files are cloned (read-only) now, while their host paths are reachable.
+    let user_mounts = crate::mounts::UserMounts::prepare(spec).map_err(|e| e.to_string())?;
     let root = Uid::from_raw(0);
     let rootg = Gid::from_raw(0);
     nix::unistd::setresgid(rootg, rootg, rootg)
@@ -497,6 +530,8 @@ fn init_setup(
     crate::rootfs::pivot_cwd().map_err(|e| e.to_string())?;
     crate::rootfs::setup_mounts(&support).map_err(|e| e.to_string())?;
     crate::rootfs::drop_old_root().map_err(|e| e.to_string())?;
+    // Attached once nothing of the host is reachable from `/`.
+    user_mounts.attach().map_err(|e| e.to_string())?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
     crate::sys::loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl dumpable: {e}"))?;
@@ -504,6 +539,7 @@ fn init_setup(
         .thread_block()
         .map_err(|e| format!("blocking signals: {e}"))?;
 
+    let [stdout, stderr] = output;
     let Some(process) = &spec.process else {
         stdio_to_null();
         return Ok(None);
@@ -587,13 +623,204 @@ fn init_loop(main: Option<Pid>, status: OwnedFd) -> ! {
     }
 }
 
-fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
-    // The init writes the main process's status just before it exits; reading it (rather than waiting for
-    // the init's own exit) keeps the kernel's namespace teardown off the path that reports the exit.
-    let mut buf = [0u8; 5];
+/// Ceiling of a duration in poll's milliseconds.
+fn poll_timeout(d: Option<Duration>) -> nix::poll::PollTimeout {
+    match d {
+        None => nix::poll::PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_micros().div_ceil(1000);
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)
+        }
+    }
+}
+
+/// The main process's output on its way to the log.
+struct OutputLog {
+    log: Option<LogWriter>,
+    /// A write failed (reported once; later writes are still tried).
+    failed: bool,
+    /// Since when a line waits for its newline.
+    partial_since: Option<Instant>,
+}
+
+impl OutputLog {
+    fn open(spec: &SandboxSpec) -> Self {
+        let max = spec.log_max_bytes.unwrap_or(crate::logs::DEFAULT_MAX_BYTES);
+        let log = match LogWriter::open(&spec.state_dir, max) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "sandboxd shim: opening the log: {e}; the main process's output is dropped"
+                );
+                None
+            }
+        };
+        Self {
+            log,
+            failed: false,
+            partial_since: None,
+        }
+    }
+
+    fn report(&mut self, r: Result<(), crate::logs::LogError>) {
+        if let Err(e) = r {
+            if !self.failed {
+                let _ = writeln!(std::io::stderr(), "sandboxd shim: writing the log: {e}");
+            }
+            self.failed = true;
+        }
+    }
+
+    fn write(&mut self, stream: Stream, data: &[u8]) {
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        let r = log.write(stream, data);
+        let partial = log.has_partial();
+        self.report(r);
+        self.partial_since = match (partial, self.partial_since) {
+            (false, _) => None,
+            (true, None) => Some(Instant::now()),
+            (true, since) => since,
+        };
+    }
+
+    fn flush_partial(&mut self) {
+        if let Some(log) = self.log.as_mut() {
+            let r = log.flush_partial();
+            self.report(r);
+        }
+        self.partial_since = None;
+    }
+}
+
+/// Until the main process has ended and its output is drained: copies stdout and stderr into the log
+/// and reads the main process's status (5 bytes, see [`encode_status`]) from the init. Returns how many
+/// status bytes arrived. Waits in `poll` only (the status pipe, the init's pidfd, the two output pipes);
+/// a timeout is set only while a partial line waits or the drain after the end runs.
+fn relay_output(
+    spec: &SandboxSpec,
+    status_fd: &OwnedFd,
+    pidfd: &OwnedFd,
+    output: [OwnedFd; 2],
+    status: &mut [u8; 5],
+) -> usize {
+    use nix::poll::{PollFd, PollFlags};
+    let mut log = OutputLog::open(spec);
+    let mut pipes = output.map(Some);
+    let mut status_open = true;
+    let mut init_alive = true;
     let mut got = 0;
+    let mut ended_at: Option<Instant> = None;
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let ended = !status_open || !init_alive;
+        if ended && ended_at.is_none() {
+            ended_at = Some(Instant::now());
+        }
+        if ended && pipes.iter().all(Option::is_none) {
+            break;
+        }
+        let drain_left = ended_at.map(|t| DRAIN_TIMEOUT.saturating_sub(t.elapsed()));
+        if drain_left == Some(Duration::ZERO) {
+            break;
+        }
+        let flush_left = log
+            .partial_since
+            .map(|t| PARTIAL_FLUSH.saturating_sub(t.elapsed()));
+        if flush_left == Some(Duration::ZERO) {
+            log.flush_partial();
+            continue;
+        }
+        let timeout = match (drain_left, flush_left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // Slots: 0 status, 1 pidfd, 2 stdout, 3 stderr.
+        let mut ready = [false; 4];
+        {
+            let mut fds = Vec::with_capacity(4);
+            let mut slots = Vec::with_capacity(4);
+            let watch = PollFlags::POLLIN;
+            if status_open {
+                fds.push(PollFd::new(status_fd.as_fd(), watch));
+                slots.push(0);
+            }
+            if init_alive {
+                fds.push(PollFd::new(pidfd.as_fd(), watch));
+                slots.push(1);
+            }
+            for (i, p) in pipes.iter().enumerate() {
+                if let Some(p) = p {
+                    fds.push(PollFd::new(p.as_fd(), watch));
+                    slots.push(2 + i);
+                }
+            }
+            match nix::poll::poll(&mut fds, poll_timeout(timeout)) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    let _ = writeln!(std::io::stderr(), "sandboxd shim: poll: {e}");
+                    break;
+                }
+            }
+            for (fd, slot) in fds.iter().zip(&slots) {
+                ready[*slot] = fd.revents().is_some_and(|r| !r.is_empty());
+            }
+        }
+        // Output first: what the main process wrote before it ended is logged before its end is.
+        for (i, stream) in [Stream::Stdout, Stream::Stderr].into_iter().enumerate() {
+            if !ready[2 + i] {
+                continue;
+            }
+            let Some(p) = &pipes[i] else { continue };
+            match nix::unistd::read(p, &mut chunk) {
+                Ok(0) => pipes[i] = None,
+                Ok(n) => log.write(stream, &chunk[..n]),
+                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
+                Err(_) => pipes[i] = None,
+            }
+        }
+        if ready[0] {
+            // The init writes the main process's status just before it exits; reading it (rather than
+            // waiting for the init's own exit) keeps the kernel's namespace teardown off the path that
+            // reports the exit.
+            match nix::unistd::read(status_fd, &mut status[got..]) {
+                Ok(0) => status_open = false,
+                Ok(n) => {
+                    got += n;
+                    if got == status.len() {
+                        status_open = false;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::EAGAIN) => {}
+                Err(_) => status_open = false,
+            }
+        }
+        if ready[1] {
+            // The init is gone. Its status, if it wrote one, was readable in this round already.
+            init_alive = false;
+        }
+    }
+    log.flush_partial();
+    got
+}
+
+fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
+    let Init {
+        pid: init_pid,
+        pidfd,
+        status_read,
+        out,
+        err,
+        ..
+    } = init;
+    let mut buf = [0u8; 5];
+    let mut got = relay_output(spec, &status_read, &pidfd, [out, err], &mut buf);
+    // The relay stops early only on a poll failure: then the status is waited for here.
     while got < buf.len() {
-        match nix::unistd::read(&init.status_read, &mut buf[got..]) {
+        match nix::unistd::read(&status_read, &mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(nix::errno::Errno::EINTR) => continue,
@@ -611,7 +838,7 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
     } else {
         // No status: the init itself was killed (SIGKILL at the end of a stop's grace period).
         reaped = true;
-        match waitpid(init.pid, None) {
+        match waitpid(init_pid, None) {
             Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
             Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
             _ => (None, Some(libc::SIGKILL)),
@@ -642,7 +869,7 @@ fn supervise(spec: &SandboxSpec, init: Init) -> i32 {
     send_report(&StartReport::Exited);
     detach_stdout();
     if !reaped {
-        let _ = waitpid(init.pid, None);
+        let _ = waitpid(init_pid, None);
     }
     // The cgroup is removed by the daemon once it has recorded the exit (also after a daemon restart).
     rc

@@ -5,7 +5,8 @@
 //! - `shim.json` ([`ProcRecord`]), written by the supervisor as its first act;
 //! - `init.json` ([`ProcRecord`]), written once the sandbox's init runs;
 //! - `exit.json` ([`ExitRecord`]), written (fsync + rename) once the init has been reaped;
-//! - `stdout.log`, `stderr.log`: the main process's output;
+//! - `main.log`, `main.log.1`: the main process's stdout and stderr, bounded and timestamped (format in
+//!   [`crate::logs`]; sandboxes of older versions have `stdout.log` and `stderr.log` instead);
 //! - `upper/`, `work/`: the overlay's writable layer; `rootfs/`, `lower/N`: mount points that are only
 //!   ever mounted inside the supervisor's private mount namespace (nothing leaks on the host's).
 
@@ -36,6 +37,35 @@ pub struct SandboxSpec {
     pub cgroup: SandboxCgroup,
     /// The main process; `None` means the sandbox idles until stopped.
     pub process: Option<ProcessSpec>,
+    /// Files of the state directory bind-mounted read-only into the sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounted_files: Vec<FileMount>,
+    /// Scratch volumes (tmpfs) mounted into the sandbox.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+    /// Bound on the main process's on-disk log (`main.log` + `main.log.1`); default
+    /// [`crate::logs::DEFAULT_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_max_bytes: Option<u64>,
+}
+
+/// A file of the state directory (content, mode and owner prepared by the daemon) mounted read-only at
+/// `target` inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileMount {
+    /// The file on the host.
+    pub source: PathBuf,
+    /// Absolute, normalized path inside the sandbox.
+    pub target: String,
+}
+
+/// A tmpfs of at most `size_bytes` mounted at `target` inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// Absolute, normalized path inside the sandbox.
+    pub target: String,
+    /// Size limit.
+    pub size_bytes: u64,
 }
 
 /// A process to run inside a sandbox.
@@ -108,6 +138,40 @@ pub struct ExecSpec {
     pub process: ProcessSpec,
     /// Kill the process tree after this many seconds.
     pub timeout_seconds: Option<f64>,
+    /// Run on a pseudo-terminal of the sandbox's devpts, relayed by the helper between its stdin/stdout
+    /// and the terminal's master side.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
+/// Columns and rows of a terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Columns.
+    pub width: u16,
+    /// Rows.
+    pub height: u16,
+}
+
+/// What the daemon may send the exec helper after the spec (JSON lines on fd 3). End of file on fd 3
+/// means the daemon (or the client) went away: the helper kills the process tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ExecControl {
+    /// New terminal size (TTY only).
+    Resize {
+        /// Columns.
+        width: u16,
+        /// Rows.
+        height: u16,
+    },
+    /// Send a signal to the process.
+    Signal {
+        /// Signal number.
+        signal: i32,
+    },
+    /// SIGKILL the whole process tree.
+    Cancel,
 }
 
 /// The exec helper's messages to the daemon (JSON lines on fd 3).
@@ -127,6 +191,9 @@ pub enum ExecEvent {
         signal: Option<i32>,
         /// Killed at the deadline.
         timed_out: bool,
+        /// Killed by a cancel (or because the daemon went away).
+        #[serde(default)]
+        cancelled: bool,
     },
     /// The exec could not be started.
     Failed {

@@ -324,6 +324,52 @@ pub fn pidfd_open_checked(pid: i32, start_time: u64) -> io::Result<OwnedFd> {
     }
 }
 
+/// Sets the window size of a terminal (`TIOCSWINSZ`).
+pub fn set_winsize(tty: BorrowedFd<'_>, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which points to a live local.
+    let ret = unsafe {
+        libc::ioctl(
+            tty.as_raw_fd(),
+            libc::TIOCSWINSZ,
+            &ws as *const libc::winsize,
+        )
+    };
+    cvt(ret as libc::c_long).map(drop)
+}
+
+/// Makes `tty` the controlling terminal of the calling session leader (`TIOCSCTTY`).
+pub fn set_controlling_tty(tty: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal) and no pointer.
+    let ret = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSCTTY, 0 as libc::c_int) };
+    cvt(ret as libc::c_long).map(drop)
+}
+
+/// The window size of a terminal (`TIOCGWINSZ`): columns and rows.
+pub fn get_winsize(tty: BorrowedFd<'_>) -> io::Result<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which points to a live local.
+    let ret = unsafe {
+        libc::ioctl(
+            tty.as_raw_fd(),
+            libc::TIOCGWINSZ,
+            &mut ws as *mut libc::winsize,
+        )
+    };
+    cvt(ret as libc::c_long)?;
+    Ok((ws.ws_col, ws.ws_row))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,13 +11,16 @@ use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand};
-use sandbox_proto::client::{BlockingClient, ClientError};
+use sandbox_proto::client::{BlockingClient, ClientError, LogStreamOptions};
 use sandbox_proto::{
     CreateSandboxRequest, ErrorCode, ExecRequest, ImageInfo, ImportImageRequest, LayerStatus,
     OutputEncoding, PullEvent, PullImageRequest, PullPolicy, PullResult, Resources, SandboxInfo,
     SandboxStatus, WaitRequest, DEFAULT_SOCKET, SOCKET_ENV,
 };
 use serde::Serialize;
+
+#[path = "sandboxctl/cp.rs"]
+mod cp;
 
 /// Exit status for failures of `sandboxctl run` before the sandbox ran (as `docker run`).
 const EXIT_RUN_FAILED: i32 = 125;
@@ -85,11 +88,11 @@ enum Command {
         /// Sandbox id or name.
         name: String,
     },
-    /// Print a sandbox's main-process output so far (stdout to stdout, stderr to stderr).
-    Logs {
-        /// Sandbox id or name.
-        name: String,
-    },
+    /// Copy a file between this host and a sandbox: `cp FILE NAME:/path`, `cp NAME:/path FILE`
+    /// (`-` for stdin or stdout). Files only.
+    Cp(cp::CpArgs),
+    /// Print a sandbox's main-process output (stdout to stdout, stderr to stderr).
+    Logs(LogsArgs),
     /// Manage images.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -191,9 +194,21 @@ struct RunArgs {
     /// Tag for listing and filtering (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     tags: Vec<String>,
+    /// Annotation K=V, free-form metadata returned as given (repeatable).
+    #[arg(long = "annotation", value_name = "K=V")]
+    annotations: Vec<String>,
+    /// Stop the sandbox (TERMINATED) this many seconds after its creation, also across daemon restarts.
+    #[arg(long = "max-lifetime", value_name = "SECONDS")]
+    max_lifetime: Option<f64>,
     /// Run the image's Entrypoint + Cmd when no command is given.
     #[arg(long, conflicts_with = "command")]
     default_cmd: bool,
+    /// Place a local file read-only in the sandbox at /path (repeatable).
+    #[arg(long = "mount-file", value_name = "HOSTFILE:/path")]
+    mount_files: Vec<String>,
+    /// A size-limited scratch volume (tmpfs) at /path (repeatable), e.g. scratch:/scratch:64Mi.
+    #[arg(long = "volume", value_name = "NAME:/path:SIZE")]
+    volumes: Vec<String>,
     /// When to pull the image: missing (default), always, never.
     #[arg(long, value_name = "POLICY", default_value = "missing", value_parser = parse_pull_policy)]
     pull: PullPolicy,
@@ -222,6 +237,12 @@ struct ExecArgs {
     /// Kill the command after this many seconds (exit status 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// Pass this terminal's stdin to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Run the command on a pseudo-terminal (with -i: an interactive shell).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// Sandbox id or name.
     name: String,
     /// The command and its arguments.
@@ -235,6 +256,21 @@ struct ExecArgs {
 }
 
 #[derive(Debug, Args)]
+struct LogsArgs {
+    /// Keep printing new output until the sandbox has ended.
+    #[arg(short, long)]
+    follow: bool,
+    /// Only the last N lines (over both streams).
+    #[arg(long, value_name = "N")]
+    tail: Option<u64>,
+    /// Prefix every line with the time it was logged (RFC 3339, nanoseconds).
+    #[arg(short, long)]
+    timestamps: bool,
+    /// Sandbox id or name.
+    name: String,
+}
+
+#[derive(Debug, Args)]
 struct LsArgs {
     /// Show all sandboxes (the default; accepted for docker muscle memory).
     #[arg(short, long)]
@@ -242,9 +278,9 @@ struct LsArgs {
     /// Only sandboxes in these states (repeatable or comma-separated), e.g. RUNNING.
     #[arg(long, value_name = "STATUS", value_delimiter = ',')]
     status: Vec<String>,
-    /// Only sandboxes with this tag.
+    /// Only sandboxes with this tag (repeatable: every one of them).
     #[arg(long, value_name = "TAG")]
-    tag: Option<String>,
+    tag: Vec<String>,
 }
 
 /// A failed command: what to print and the exit status.
@@ -351,15 +387,7 @@ fn dispatch(cli: Cli) -> CmdResult {
             }
             Ok(status)
         }
-        Command::Logs { name } => {
-            let logs = client.logs(&name)?;
-            if json {
-                print_json(&logs)?;
-            } else {
-                write_output(&logs.stdout_bytes(), &logs.stderr_bytes());
-            }
-            Ok(0)
-        }
+        Command::Logs(a) => cmd_logs(&client, json, a),
         Command::Image(ImageCommand::Import { path, reference }) => {
             cmd_import(&client, json, path, reference)
         }
@@ -369,6 +397,7 @@ fn dispatch(cli: Cli) -> CmdResult {
         Command::Image(ImageCommand::Prune { all }) => cmd_prune(&client, json, all),
         Command::System(SystemCommand::Df) => cmd_df(&client, json),
         Command::Version => cmd_version(&client, json),
+        Command::Cp(a) => cp::cmd_cp(&client, json, a),
     }
 }
 
@@ -414,6 +443,20 @@ fn parse_env(vars: &[String]) -> Result<BTreeMap<String, String>, Failure> {
     Ok(env)
 }
 
+fn parse_annotations(pairs: &[String]) -> Result<BTreeMap<String, String>, Failure> {
+    let mut out = BTreeMap::new();
+    for p in pairs {
+        let Some((k, v)) = p.split_once('=') else {
+            return Err(Failure::new(
+                1,
+                anyhow::anyhow!("invalid annotation {p:?}: expected K=V"),
+            ));
+        };
+        out.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
 /// The shell-style status of a finished sandbox (125 when it failed without an exit status).
 fn exit_status(info: &SandboxInfo) -> i32 {
     match (&info.exit, info.status) {
@@ -425,7 +468,25 @@ fn exit_status(info: &SandboxInfo) -> i32 {
 
 fn cmd_run(client: &BlockingClient, json: bool, a: RunArgs) -> CmdResult {
     let env = parse_env(&a.env).map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
+    let mounted_files = a
+        .mount_files
+        .iter()
+        .map(|m| cp::mounted_file(m))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
+    let volumes = a
+        .volumes
+        .iter()
+        .map(|v| cp::volume(v))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
+    let annotations =
+        parse_annotations(&a.annotations).map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
     let req = CreateSandboxRequest {
+        annotations,
+        max_lifetime_seconds: a.max_lifetime,
+        mounted_files,
+        volumes,
         image: a.image,
         name: a.name,
         command: (!a.command.is_empty()).then_some(a.command),
@@ -444,7 +505,6 @@ fn cmd_run(client: &BlockingClient, json: bool, a: RunArgs) -> CmdResult {
         auto_remove: a.rm && a.detach,
         // The CLI pulls itself (with progress on stderr) when the daemon says the image is missing.
         pull: PullPolicy::Never,
-        ..CreateSandboxRequest::default()
     };
     if a.pull == PullPolicy::Always {
         pull_for_run(client, json, &req.image)?;
@@ -533,7 +593,67 @@ fn write_output(stdout: &[u8], stderr: &[u8]) {
     }
 }
 
+/// `logs`: the collected answer for `--json` alone, else the entries as they come (JSON lines with
+/// `--json`).
+fn cmd_logs(client: &BlockingClient, json: bool, a: LogsArgs) -> CmdResult {
+    if json && !a.follow && a.tail.is_none() && !a.timestamps {
+        print_json(&client.logs(&a.name)?)?;
+        return Ok(0);
+    }
+    let opts = LogStreamOptions {
+        follow: a.follow,
+        tail_lines: a.tail,
+        timestamps: a.timestamps,
+        ..LogStreamOptions::default()
+    };
+    let mut out = std::io::stdout().lock();
+    let mut err = std::io::stderr().lock();
+    let mut last_err = false;
+    for entry in client.logs_stream(&a.name, opts)? {
+        let entry = entry?;
+        let written = if json {
+            let line = serde_json::to_string(&entry).map_err(anyhow::Error::from)?;
+            writeln!(out, "{line}")
+        } else {
+            let is_err = entry.is_stderr();
+            // Flush what the other stream has buffered, so that both keep their relative order.
+            let switched = if is_err != last_err {
+                if last_err {
+                    err.flush()
+                } else {
+                    out.flush()
+                }
+            } else {
+                Ok(())
+            };
+            last_err = is_err;
+            let w: &mut dyn Write = if is_err { &mut err } else { &mut out };
+            switched
+                .and_then(|()| match &entry.timestamp {
+                    Some(ts) => write!(w, "{ts} "),
+                    None => Ok(()),
+                })
+                .and_then(|()| w.write_all(&entry.bytes()))
+        };
+        let flushed = if a.follow {
+            out.flush().and_then(|()| err.flush())
+        } else {
+            Ok(())
+        };
+        if written.and(flushed).is_err() {
+            // The reader went away (e.g. `| head`).
+            return Ok(0);
+        }
+    }
+    let _ = out.flush();
+    let _ = err.flush();
+    Ok(0)
+}
+
 fn cmd_exec(client: &BlockingClient, json: bool, a: ExecArgs) -> CmdResult {
+    if !json {
+        return exec_streaming(client, a);
+    }
     let req = ExecRequest {
         command: a.command,
         cwd: a.workdir,
@@ -582,6 +702,146 @@ fn cmd_exec(client: &BlockingClient, json: bool, a: ExecArgs) -> CmdResult {
     }
 }
 
+/// Puts a terminal in raw mode and restores it when dropped.
+struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    fn enter(on: bool) -> Self {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !on {
+            return Self { saved: None };
+        }
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return Self { saved: None };
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        Self { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+/// `exec` without `--json`: output as it comes, stdin with `-i`, a terminal with `-t`.
+fn exec_streaming(client: &BlockingClient, a: ExecArgs) -> CmdResult {
+    use sandbox_proto::exec_stream::StreamEvent;
+    use std::io::IsTerminal;
+    use std::os::fd::AsFd;
+    let local_tty = std::io::stdin().is_terminal();
+    let size = if a.tty {
+        sandbox_runtime::sys::get_winsize(std::io::stdout().as_fd())
+            .or_else(|_| sandbox_runtime::sys::get_winsize(std::io::stdin().as_fd()))
+            .ok()
+    } else {
+        None
+    };
+    // SIGWINCH is taken by a thread of its own (sigwait); it must be blocked before any thread starts.
+    let winch = nix::sys::signal::SigSet::from(nix::sys::signal::Signal::SIGWINCH);
+    if a.tty {
+        let _ = winch.thread_block();
+    }
+    let init = sandbox_proto::stream::ExecStreamInit {
+        command: a.command.clone(),
+        cwd: a.workdir,
+        env: parse_env(&a.env)?,
+        user: a.user,
+        timeout_seconds: a.timeout,
+        stdin: a.interactive,
+        tty: a.tty,
+        width: size.map(|s| s.0),
+        height: size.map(|s| s.1),
+    };
+    let (mut stream, _ready) = client.exec_stream(&a.name, &init)?;
+    let _raw = RawMode::enter(a.tty && a.interactive && local_tty);
+    if a.interactive {
+        let mut w = stream.writer()?;
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match std::io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) => {
+                        let _ = w.close_stdin();
+                        return;
+                    }
+                    Ok(n) => {
+                        if w.write_stdin(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        let _ = w.close_stdin();
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    if a.tty {
+        let mut w = stream.writer()?;
+        std::thread::spawn(move || {
+            while winch.wait().is_ok() {
+                if let Ok((cols, rows)) =
+                    sandbox_runtime::sys::get_winsize(std::io::stdout().as_fd())
+                {
+                    if w.resize(cols, rows).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+    }
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    loop {
+        match stream.next()? {
+            Some(StreamEvent::Stdout(d)) => {
+                let _ = out.write_all(&d);
+                let _ = out.flush();
+            }
+            Some(StreamEvent::Stderr(d)) => {
+                let _ = err.write_all(&d);
+                let _ = err.flush();
+            }
+            Some(StreamEvent::Ready(_)) => {}
+            Some(StreamEvent::Exit(x)) => {
+                drop(_raw);
+                if x.timed_out {
+                    return Err(Failure::new(
+                        EXIT_TIMEOUT,
+                        anyhow::anyhow!(
+                            "command {:?} timed out after {} s; its process tree was killed",
+                            a.command,
+                            a.timeout.unwrap_or(0.0)
+                        ),
+                    ));
+                }
+                return Ok(x.exit_code);
+            }
+            None => {
+                return Err(Failure::new(
+                    1,
+                    anyhow::anyhow!("the exec stream ended without an exit status"),
+                ))
+            }
+        }
+    }
+}
+
 fn cmd_ls(client: &BlockingClient, json: bool, a: LsArgs) -> CmdResult {
     let _ = a.all;
     let mut statuses = Vec::new();
@@ -593,7 +853,8 @@ fn cmd_ls(client: &BlockingClient, json: bool, a: LsArgs) -> CmdResult {
         })?;
         statuses.push(st);
     }
-    let list = client.list(&statuses, a.tag.as_deref())?;
+    let tags: Vec<&str> = a.tag.iter().map(String::as_str).collect();
+    let list = client.list_filtered(&statuses, &tags)?;
     if json {
         print_json(&list)?;
         return Ok(0);
@@ -1208,6 +1469,45 @@ mod tests {
         let cli = Cli::try_parse_from(["sandboxctl", "--socket", "/tmp/s.sock", "images"])
             .expect("parse");
         assert_eq!(cli.socket, PathBuf::from("/tmp/s.sock"));
+    }
+
+    #[test]
+    fn logs_run_and_ls_flags_parse() {
+        let cli = Cli::try_parse_from(["sandboxctl", "logs", "-f", "--tail", "5", "-t", "web"])
+            .expect("parse");
+        let Command::Logs(a) = cli.command else {
+            panic!("not logs")
+        };
+        assert!(a.follow && a.timestamps);
+        assert_eq!((a.tail, a.name.as_str()), (Some(5), "web"));
+        let cli = Cli::try_parse_from([
+            "sandboxctl",
+            "run",
+            "--max-lifetime",
+            "2.5",
+            "--annotation",
+            "team=ml",
+            "--annotation",
+            "x=a=b",
+            "busybox",
+        ])
+        .expect("parse");
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.max_lifetime, Some(2.5));
+        let ann = parse_annotations(&a.annotations)
+            .map_err(|f| f.error)
+            .expect("annotations");
+        assert_eq!(ann["team"], "ml");
+        assert_eq!(ann["x"], "a=b");
+        assert!(parse_annotations(&["novalue".into()]).is_err());
+        let cli =
+            Cli::try_parse_from(["sandboxctl", "ls", "--tag", "a", "--tag", "b"]).expect("parse");
+        let Command::Ls(a) = cli.command else {
+            panic!("not ls")
+        };
+        assert_eq!(a.tag, ["a", "b"]);
     }
 
     #[test]

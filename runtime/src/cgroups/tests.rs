@@ -269,6 +269,23 @@ fn v2_scratch_create_writes_limits() {
         sb
     );
 
+    // Requests: CPU weight and memory protection.
+    m.apply_requests(
+        &sb,
+        &Requests {
+            cpu_millis: Some(250),
+            memory_bytes: Some(32 << 20),
+        },
+    )
+    .expect("requests");
+    assert_eq!(read("cpu.weight"), "10");
+    assert_eq!(read("memory.low"), (32u64 << 20).to_string());
+    assert_eq!(cpu_shares(250), 256);
+    assert_eq!(cpu_shares(1000), 1024);
+    assert_eq!(cpu_shares(1), 2);
+    assert_eq!(cpu_weight(1000), 39);
+    assert_eq!(cpu_weight(1), 1);
+
     // Only what was asked for is written.
     let sb2 = m
         .create(
@@ -431,6 +448,27 @@ fn real_create_limits_processes_destroy() {
         }
     }
     assert_eq!(find("pids.max"), "50");
+    m.apply_requests(
+        &sb,
+        &Requests {
+            cpu_millis: Some(500),
+            memory_bytes: Some(32 << 20),
+        },
+    )
+    .expect("requests");
+    match m.version() {
+        CgroupVersion::V1 => {
+            assert_eq!(find("cpu.shares"), "512");
+            assert_eq!(
+                find("memory.soft_limit_in_bytes"),
+                (32u64 << 20).to_string()
+            );
+        }
+        CgroupVersion::V2 => {
+            assert_eq!(find("cpu.weight"), cpu_weight(500).to_string());
+            assert_eq!(find("memory.low"), (32u64 << 20).to_string());
+        }
+    }
     assert_eq!(sb.oom_kill_count().expect("oom"), 0);
     assert_eq!(sb.v2_dir_fd().is_some(), m.version() == CgroupVersion::V2);
 

@@ -1,0 +1,1 @@
+"""Tests of the sandboxd Python client, run against a real daemon (``SANDBOXD_SOCKET``)."""

@@ -1,0 +1,441 @@
+"""Sandboxes: lifecycle, files, logs, options, listing, sessions, errors."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import os
+import re
+from unittest import mock
+
+import sandboxd
+from sandboxd import (
+    NetworkOptions,
+    Sandbox,
+    SandboxConnectionError,
+    SandboxDefaults,
+    SandboxError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxStatus,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    SandboxValidationError,
+    Session,
+)
+
+from .support import BOUND, RUN_TAG, DaemonTestCase, capture, delete_tagged, unique_tag
+
+
+class Lifecycle(DaemonTestCase):
+    def test_run_returns_at_once_and_wait_reaches_running(self) -> None:
+        sb = self.run_sandbox()
+        self.assertIn(sb.status, (SandboxStatus.CREATING, SandboxStatus.RUNNING))
+        self.assertIs(sb.wait(timeout=BOUND), sb)
+        self.assertEqual(sb.status, SandboxStatus.RUNNING)
+        self.assertEqual(sb.status, "RUNNING")
+        self.assertRegex(sb.sandbox_id, r"^[0-9a-f]{16}$")
+        self.assertIsNone(sb.returncode)
+        self.assertIsInstance(sb.started_at, datetime.datetime)
+        self.assertIsNotNone(sb.started_at.tzinfo)
+        self.assertGreaterEqual(sb.status_updated_at, sb.started_at)
+        self.assertEqual(
+            repr(sb),
+            f"Sandbox(id='{sb.sandbox_id}', name='sb-{sb.sandbox_id[:8]}', status='RUNNING', "
+            "image='docker.io/library/python:3.11')",
+        )
+        out, _ = capture(print, sb)
+        self.assertEqual(out, repr(sb) + "\n")
+
+    def test_completed_main_command(self) -> None:
+        sb = self.run_sandbox("sh", "-c", "echo done")
+        ref = sb.wait_until_complete(timeout=BOUND)
+        self.assertIs(ref.result(), sb)
+        self.assertEqual(sb.status, SandboxStatus.COMPLETED)
+        self.assertTrue(sb.status.is_terminal)
+        self.assertEqual(sb.returncode, 0)
+
+    def test_failed_main_command(self) -> None:
+        sb = self.run_sandbox("sh", "-c", "exit 3")
+        with self.assertRaises(SandboxFailedError) as cm:
+            sb.wait_until_complete(timeout=BOUND)
+        self.assertIn("3", str(cm.exception))
+        self.assertEqual(sb.status, SandboxStatus.FAILED)
+        self.assertEqual(sb.returncode, 3)
+
+    def test_stopped_is_terminated(self) -> None:
+        sb = self.run_sandbox()
+        sb.wait(timeout=BOUND)
+        # Stopped through another handle: the waiter sees TERMINATED.
+        Sandbox.from_id(sb.sandbox_id).stop(graceful_shutdown_seconds=5).result()
+        with self.assertRaises(SandboxTerminatedError):
+            sb.wait_until_complete(timeout=BOUND)
+        self.assertIs(sb.wait_until_complete(raise_on_termination=False).result(), sb)
+        self.assertEqual(sb.status, SandboxStatus.TERMINATED)
+        # Stopping again is fine; exec is refused.
+        sb.stop().result()
+        with self.assertRaises(SandboxNotRunningError):
+            sb.exec(["true"]).result()
+
+    def test_stop_ends_a_main_command_that_ignores_nothing(self) -> None:
+        sb = self.run_sandbox("sleep", "infinity")
+        sb.wait(timeout=BOUND)
+        sb.stop(graceful_shutdown_seconds=10.0).result()
+        self.assertEqual(sb.status, SandboxStatus.TERMINATED)
+
+    def test_max_lifetime_terminates(self) -> None:
+        sb = self.run_sandbox(max_lifetime_seconds=1)
+        with self.assertRaises(SandboxTerminatedError):
+            sb.wait_until_complete(timeout=60)
+        self.assertEqual(sb.status, SandboxStatus.TERMINATED)
+        self.assertEqual(sb.info["max_lifetime_seconds"], 1)
+
+    def test_wait_until_complete_times_out(self) -> None:
+        sb = self.run_sandbox()
+        with self.assertRaises(SandboxTimeoutError) as cm:
+            sb.wait_until_complete(timeout=0.2)
+        self.assertEqual(cm.exception.code, "WAIT_TIMEOUT")
+        self.assertEqual(sb.status, SandboxStatus.RUNNING)
+
+    def test_exec_in_a_completed_sandbox(self) -> None:
+        sb = self.run_sandbox("true")
+        sb.wait_until_complete(timeout=BOUND)
+        with self.assertRaises(SandboxNotRunningError) as cm:
+            sb.exec(["echo", "hi"]).result(timeout=BOUND)
+        self.assertEqual(cm.exception.code, "SANDBOX_NOT_RUNNING")
+        with self.assertRaises(SandboxNotRunningError):
+            sb.read_file("/etc/hostname")
+
+    def test_context_manager_stops_and_deletes_also_on_error(self) -> None:
+        tag = self.tag()
+        with self.assertRaises(ZeroDivisionError):
+            with Sandbox.run(tags=[RUN_TAG, tag]) as sb:
+                sb.wait(timeout=BOUND)
+                sid = sb.sandbox_id
+                1 / 0
+        with self.assertRaises(SandboxNotFoundError):
+            Sandbox.from_id(sid)
+        self.assertEqual(Sandbox.list(tags=[tag]).result(), [])
+
+
+class Lookup(DaemonTestCase):
+    def test_list_filters_and_from_id(self) -> None:
+        tag, other = self.tag(), self.tag()
+        a = self.run_sandbox(tags=[tag])
+        b = self.run_sandbox("true", tags=[tag, other])
+        a.wait(timeout=BOUND)
+        b.wait_until_complete(timeout=BOUND)
+        ids = lambda sbs: [s.sandbox_id for s in sbs]  # noqa: E731
+        self.assertEqual(ids(Sandbox.list(tags=[tag])), [a.sandbox_id, b.sandbox_id])
+        self.assertEqual(ids(Sandbox.list(tags=[tag, other])), [b.sandbox_id])
+        self.assertEqual(ids(Sandbox.list(tags=[tag], status="RUNNING")), [a.sandbox_id])
+        self.assertEqual(ids(Sandbox.list(tags=[tag], status=[SandboxStatus.COMPLETED])), [b.sandbox_id])
+        self.assertEqual(ids(Sandbox.list(tags=[tag], status=["FAILED", "TERMINATED"]).result()), [])
+        with self.assertRaises(SandboxValidationError) as cm:
+            Sandbox.list(status="SLEEPING")
+        self.assertEqual(cm.exception.field, "status")
+        # from_id: by id or by name; the handle stands for the sandbox.
+        same = Sandbox.from_id(a.sandbox_id)
+        self.assertEqual(same.result().sandbox_id, a.sandbox_id)
+        self.assertEqual(same.exec(["echo", "via from_id"]).result().stdout, "via from_id\n")
+        self.assertEqual(Sandbox.from_id(a.name).result().sandbox_id, a.sandbox_id)
+        self.assertTrue({RUN_TAG, tag, other} <= set(Sandbox.from_id(b.sandbox_id).result().tags))
+
+    def test_unknown_id(self) -> None:
+        with self.assertRaises(SandboxNotFoundError) as cm:
+            Sandbox.from_id("0123456789abcdef")
+        self.assertEqual(cm.exception.code, "SANDBOX_NOT_FOUND")
+        self.assertEqual(cm.exception.sandbox_id, "0123456789abcdef")
+        with self.assertRaises(SandboxNotFoundError):
+            Sandbox.delete("0123456789abcdef")
+        Sandbox.delete("0123456789abcdef", missing_ok=True).result()
+
+    def test_delete(self) -> None:
+        sb = self.run_sandbox()
+        sb.wait(timeout=BOUND)
+        sid = sb.sandbox_id
+        Sandbox.delete(sid).result()  # a running sandbox is killed and deleted
+        with self.assertRaises(SandboxNotFoundError):
+            Sandbox.from_id(sid)
+        sb.delete(missing_ok=True)
+        with self.assertRaises(SandboxNotFoundError):
+            sb.delete()
+        sb.stop(missing_ok=True)
+        with self.assertRaises(SandboxNotFoundError):
+            sb.stop()
+        with self.assertRaises(SandboxNotFoundError):
+            sb.exec(["true"])
+
+
+class Files(DaemonTestCase):
+    sandbox: Sandbox
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        cls.class_tag = unique_tag()
+        cls.sandbox = Sandbox.run(
+            tags=[RUN_TAG, cls.class_tag],
+            mounted_files=[{"mount_path": "/etc/app.conf", "file_content": b"answer=42\n"}],
+        )
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.sandbox.delete(missing_ok=True)
+        delete_tagged(cls.class_tag)
+
+    def test_write_then_read(self) -> None:
+        # As in the issue: no .result() needed; operations run in call order.
+        self.sandbox.write_file("/data/hello.txt", b"hello")
+        self.assertEqual(self.sandbox.read_file("/data/hello.txt"), b"hello")
+        self.assertEqual(self.sandbox.read_file("/data/hello.txt").result(), b"hello")
+        info = self.sandbox.write_file("/data/deep/er/x.bin", bytes(range(256)), mode=0o600).result()
+        self.assertEqual((info.path, info.size, info.mode), ("/data/deep/er/x.bin", 256, 0o600))
+        r = self.sandbox.exec(["stat", "-c", "%a %s", "/data/deep/er/x.bin"]).result()
+        self.assertEqual(r.stdout, "600 256\n")
+        self.assertEqual(self.sandbox.read_file("/data/deep/er/x.bin").result(), bytes(range(256)))
+        # Replace, and text.
+        self.sandbox.write_file("/data/hello.txt", "héllo")
+        self.assertEqual(self.sandbox.exec(["cat", "/data/hello.txt"]).result().stdout, "héllo")
+
+    def test_file_written_by_a_command(self) -> None:
+        self.sandbox.exec(["sh", "-c", "printf 'from exec' > /tmp/e.txt"]).result()
+        self.assertEqual(self.sandbox.read_file("/tmp/e.txt").result(), b"from exec")
+
+    def test_streamed_multi_mib_round_trip(self) -> None:
+        size = 24 << 20
+        block = hashlib.sha256(b"seed").digest() * (1 << 15)  # 1 MiB
+        digest = hashlib.sha256()
+
+        def chunks():
+            for _ in range(size // len(block)):
+                digest.update(block)
+                yield block
+
+        info = self.sandbox.write_file_stream("/big/file.bin", chunks()).result()
+        self.assertEqual(info.size, size)
+        self.assertEqual(
+            self.sandbox.exec(["sha256sum", "/big/file.bin"]).result().stdout.split()[0], digest.hexdigest()
+        )
+        back = hashlib.sha256()
+        n = 0
+        with self.sandbox.read_file_stream("/big/file.bin", chunk_size=256 << 10) as f:
+            self.assertEqual(f.size, size)
+            for chunk in f:
+                self.assertLessEqual(len(chunk), 256 << 10)
+                back.update(chunk)
+                n += len(chunk)
+        self.assertEqual((n, back.hexdigest()), (size, digest.hexdigest()))
+        # From a file object.
+        data = os.urandom(3 << 20)
+        self.sandbox.write_file_stream("/big/from-fileobj", io.BytesIO(data)).result()
+        self.assertEqual(self.sandbox.read_file("/big/from-fileobj").result(), data)
+
+    def test_missing_file(self) -> None:
+        with self.assertRaises(SandboxFileError) as cm:
+            self.sandbox.read_file("/no/such/file").result()
+        self.assertEqual(cm.exception.code, "FILE_NOT_FOUND")
+        self.assertEqual(cm.exception.path, "/no/such/file")
+        with self.assertRaises(SandboxFileError):
+            self.sandbox.read_file_stream("/no/such/file")
+
+    def test_directory_is_a_file_error(self) -> None:
+        with self.assertRaises(SandboxFileError) as cm:
+            self.sandbox.read_file("/etc")
+        self.assertEqual(cm.exception.code, "FILE_ERROR")
+
+    def test_path_escaping_the_root_is_refused(self) -> None:
+        with self.assertRaises(SandboxValidationError) as cm:
+            self.sandbox.read_file("/../../etc/passwd")
+        self.assertEqual(cm.exception.field, "path")
+
+    def test_mounted_file_is_read_only(self) -> None:
+        self.assertEqual(self.sandbox.read_file("/etc/app.conf"), b"answer=42\n")
+        with self.assertRaises(SandboxFileError) as cm:
+            self.sandbox.write_file("/etc/app.conf", b"answer=0\n")
+        self.assertEqual(cm.exception.code, "FILE_READ_ONLY")
+        r = self.sandbox.exec(["sh", "-c", "echo x > /etc/app.conf"]).result()
+        self.assertNotEqual(r.returncode, 0)
+        self.assertEqual(self.sandbox.read_file("/etc/app.conf"), b"answer=42\n")
+
+
+class Logs(DaemonTestCase):
+    def test_logs_of_an_ended_sandbox(self) -> None:
+        sb = self.run_sandbox("sh", "-c", "echo one; echo two >&2; echo three; printf partial")
+        sb.wait_until_complete(timeout=BOUND)
+        lines = list(sb.stream_logs())
+        self.assertEqual(sorted(lines), sorted(["one\n", "two\n", "three\n", "partial"]))
+        self.assertEqual([ln for ln in lines if ln != "two\n"], ["one\n", "three\n", "partial"])
+        self.assertEqual(list(sb.stream_logs(tail_lines=1)), ["partial"])
+        stamped = list(sb.stream_logs(timestamps=True))
+        self.assertEqual(len(stamped), 4)
+        for line in stamped:
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z (one|two|three|partial)")
+        entries = list(sb.stream_logs().entries())
+        self.assertEqual({e["stream"] for e in entries}, {"stdout", "stderr"})
+
+    def test_follow(self) -> None:
+        # The main process prints, then blocks on a FIFO until the test writes to it.
+        sb = self.run_sandbox("sh", "-c", "mkfifo /tmp/go; echo start; read x < /tmp/go; echo \"got $x\"")
+        logs = iter(sb.stream_logs(follow=True))
+        self.assertEqual(next(logs), "start\n")
+        sb.exec(["sh", "-c", "echo hi > /tmp/go"]).result(timeout=BOUND)
+        self.assertEqual(next(logs), "got hi\n")
+        self.assertEqual(list(logs), [])  # the stream ends with the sandbox
+        self.assertEqual(sb.status, SandboxStatus.COMPLETED)
+
+    def test_no_logs_when_idle(self) -> None:
+        sb = self.run_sandbox()
+        self.assertEqual(list(sb.stream_logs()), [])
+
+
+class Options(DaemonTestCase):
+    def test_env_volumes_annotations_resources(self) -> None:
+        sb = self.run_sandbox(
+            environment_variables={"APP_MODE": "test"},
+            volumes=[("scratch", "/scratch", "16Mi"), {"name": "more", "mount_path": "/more", "size": "8Mi"}],
+            annotations={"owner": "tests"},
+            resources={"cpu": "500m", "memory": "512Mi"},
+        )
+        r = sb.exec(["sh", "-c", "echo $APP_MODE; df -k /scratch /more | tail -n 2 | awk '{print $2}'"]).result()
+        self.assertEqual(r.stdout, "test\n16384\n8192\n")
+        info = sb.info
+        self.assertEqual(info["annotations"], {"owner": "tests"})
+        self.assertEqual(info["limits"]["memory_bytes"], 512 << 20)
+        self.assertEqual(info["limits"]["cpu_millis"], 500)
+        self.assertEqual([v["name"] for v in info["volumes"]], ["scratch", "more"])
+
+    def test_requests_and_limits(self) -> None:
+        sb = self.run_sandbox(
+            resources={"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}}
+        )
+        info = sb.wait(timeout=BOUND).info
+        self.assertEqual(info["limits"]["cpu_millis"], 1000)
+        self.assertEqual(info["limits"]["memory_bytes"], 1 << 30)
+        self.assertEqual(info["requests"]["cpu_millis"], 250)
+        self.assertEqual(info["requests"]["memory_bytes"], 128 << 20)
+
+    def test_bad_resources_name_the_field(self) -> None:
+        for resources, field in [
+            ({"memory": "12Qi"}, "resources.memory"),
+            ({"cpu": "lots"}, "resources.cpu"),
+            ({"limits": {"memory": "-1"}}, "resources.limits.memory"),
+        ]:
+            sb = Sandbox.run(resources=resources, tags=[RUN_TAG])
+            with self.assertRaises(SandboxValidationError) as cm:
+                sb.wait(timeout=BOUND)
+            self.assertEqual(cm.exception.field, field, str(cm.exception))
+            self.assertEqual(sb.status, SandboxStatus.FAILED)
+            self.assertIsNone(sb.sandbox_id)
+            self.assertRegex(repr(sb), r"status='FAILED_TO_START: INVALID_ARGUMENT'")
+            # Every later operation raises the same error; leaving `with` does not.
+            with self.assertRaises(SandboxValidationError):
+                sb.exec(["true"])
+            sb.__exit__(None, None, None)
+
+    def test_defaults_and_overrides(self) -> None:
+        tag = self.tag()
+        d = SandboxDefaults(
+            tags=(RUN_TAG, tag),
+            environment_variables={"A": "1", "B": "2"},
+            annotations={"x": "1"},
+            mounted_files=({"mount_path": "/opt/one.txt", "file_content": b"1"},),
+        )
+        d2 = d.with_overrides(max_lifetime_seconds=600)
+        self.assertEqual((d.max_lifetime_seconds, d2.max_lifetime_seconds), (None, 600))
+        sb = self.run_sandbox(
+            defaults=d2,
+            environment_variables={"B": "two"},
+            annotations={"y": "2"},
+            mounted_files=[{"mount_path": "/opt/two.txt", "file_content": b"2"}],
+        )
+        r = sb.exec(["sh", "-c", "echo $A$B; cat /opt/one.txt /opt/two.txt"]).result()
+        self.assertEqual(r.stdout, "1two\n12")
+        self.assertEqual(sb.info["annotations"], {"x": "1", "y": "2"})
+        self.assertEqual(sb.info["max_lifetime_seconds"], 600)
+        # The process-wide defaults apply when none are given.
+        with mock.patch("sandboxd.options.DEFAULT_SANDBOX_DEFAULTS", d):
+            sb2 = Sandbox.run("sh", "-c", "echo $A")
+            self.addCleanup(sb2.delete, missing_ok=True)
+        sb2.wait_until_complete(timeout=BOUND)
+        self.assertEqual(list(sb2.stream_logs()), ["1\n"])
+        self.assertIn(tag, sb2.tags)
+
+    def test_network_is_sent_to_the_daemon(self) -> None:
+        sb = Sandbox.run(network=NetworkOptions(deny_egress=True), tags=[RUN_TAG, self.tag()])
+        self.addCleanup(sb.delete, missing_ok=True)
+        try:
+            sb.wait(timeout=BOUND)
+        except SandboxValidationError as e:
+            # A daemon without network policy support refuses the field by name.
+            self.assertIn("network", str(e))
+        else:
+            self.assertEqual(sb.status, SandboxStatus.RUNNING)
+
+    def test_unknown_image(self) -> None:
+        sb = Sandbox.run(container_image="no-such-image-anywhere:1", tags=[RUN_TAG])
+        with self.assertRaises(sandboxd.SandboxImageNotFoundError):
+            sb.wait(timeout=BOUND)
+
+
+class Sessions(DaemonTestCase):
+    def test_start_on_first_use_and_close_stops_all(self) -> None:
+        tag = self.tag()
+        with Session(SandboxDefaults(tags=(RUN_TAG, tag))) as session:
+            a, b, c = session.sandbox(), session.sandbox(), session.sandbox()
+            for sb in (a, b, c):
+                self.assertIsNone(sb.status)
+                self.assertIsNone(sb.sandbox_id)
+            self.assertEqual(Sandbox.list(tags=[tag]).result(), [])
+            self.assertEqual(a.exec(["echo", "a"]).result().stdout, "a\n")  # starts a
+            b.write_file("/x", b"b")  # starts b
+            self.assertEqual(b.read_file("/x"), b"b")
+            self.assertIsNone(c.sandbox_id)  # c never used
+            listed = [s.sandbox_id for s in session.list()]
+            self.assertEqual(sorted(listed), sorted([a.sandbox_id, b.sandbox_id]))
+            self.assertEqual(sorted(s.sandbox_id for s in Sandbox.list(tags=[tag])), sorted(listed))
+            adopted = Sandbox.run(tags=[RUN_TAG, tag])
+            adopted.wait(timeout=BOUND)
+            session.from_id(adopted.sandbox_id).result()
+        # Closing stopped and deleted every sandbox the session started or adopted.
+        self.assertEqual(Sandbox.list(tags=[tag]).result(), [])
+        for sid in (a.sandbox_id, b.sandbox_id, adopted.sandbox_id):
+            with self.assertRaises(SandboxNotFoundError):
+                Sandbox.from_id(sid)
+        with self.assertRaises(SandboxError):
+            session.sandbox()
+
+    def test_session_sandbox_overrides_and_wait(self) -> None:
+        tag = self.tag()
+        session = Session(SandboxDefaults(tags=(RUN_TAG, tag)))
+        try:
+            sb = session.sandbox("sh", "-c", "echo from-main", container_image="python:3.11")
+            sb.wait_until_complete(timeout=BOUND)
+            self.assertEqual(sb.returncode, 0)
+            self.assertEqual(list(sb.stream_logs()), ["from-main\n"])
+        finally:
+            session.close()
+        self.assertEqual(Sandbox.list(tags=[tag]).result(), [])
+
+
+class Errors(DaemonTestCase):
+    def test_no_daemon(self) -> None:
+        with mock.patch.dict(os.environ, {sandboxd.SOCKET_ENV: "/nonexistent/sandboxd.sock"}):
+            with self.assertRaises(SandboxConnectionError) as cm:
+                Sandbox.from_id("x")
+        self.assertIn("/nonexistent/sandboxd.sock", str(cm.exception))
+        self.assertEqual(cm.exception.code, "CONNECTION_ERROR")
+
+    def test_error_attributes(self) -> None:
+        try:
+            Sandbox.from_id("nope-nope")
+        except SandboxError as e:
+            self.assertEqual(e.code, "SANDBOX_NOT_FOUND")
+            self.assertTrue(e.message)
+            self.assertIsInstance(e.details, dict)
+            self.assertTrue(re.match(r"^SANDBOX_NOT_FOUND: ", str(e)))
+        else:
+            self.fail("no error")
