@@ -51,6 +51,10 @@ pub struct Config {
     pub stop_grace_seconds: f64,
     /// Default cap on each of stdout and stderr of a unary exec.
     pub exec_max_output_bytes: u64,
+    /// Keep one exec helper per running sandbox prepared ahead of time (in its namespaces and a leaf
+    /// cgroup of its own, counted in its pids), so that an exec does not wait for a process to start and
+    /// for a cgroup migration.
+    pub exec_prepare: bool,
     /// Supervisors kept ready (mount namespace, seccomp filter and init in fresh namespaces prepared),
     /// so that creating a sandbox does not wait for a process to start; 0 disables the pool.
     pub warm_pool: usize,
@@ -127,6 +131,7 @@ impl Default for Config {
             max_sandboxes: 4096,
             stop_grace_seconds: 10.0,
             exec_max_output_bytes: 16 << 20,
+            exec_prepare: true,
             warm_pool: 2,
             pull: PullConfig::default(),
             logs: LogsConfig::default(),

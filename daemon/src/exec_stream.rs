@@ -27,7 +27,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::error::HttpError;
-use crate::helper::Helper;
 use crate::manager::Manager;
 
 /// How long a client may take to send its `Init` frame.
@@ -153,7 +152,7 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
     let started = Instant::now();
     // With a TTY the helper relays its stdin to the terminal; it must stay open (and quiet) even when the
     // client sends none, or the terminal would read end-of-file at once.
-    let mut helper = match Helper::spawn(m.exe(), &spec, init.stdin || init.tty).await {
+    let mut helper = match m.exec_helper(&entry, &spec, init.stdin || init.tty).await {
         Ok(h) => h,
         Err(e) => return send_error(&mut wr, &e).await,
     };
@@ -297,7 +296,7 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
         }
     }
     reader.abort();
-    let _ = helper.child.wait().await;
+    helper.reap_later();
     let last = match exited {
         Some(ExecEvent::Exited {
             code,

@@ -33,6 +33,10 @@ pub const MODE_HEADER: &str = "x-sandboxd-file-mode";
 /// Chunks in flight between the connection and the file thread, each at most [`CHUNK`] bytes.
 const CHANNEL_DEPTH: usize = 4;
 
+/// How much of an upload's body is still read (and dropped) after the write failed, so that the client
+/// sees the error answer; past this the connection is closed.
+const DRAIN_LIMIT: usize = 64 << 20;
+
 /// Total decoded size of all mounted files of one sandbox.
 pub const MAX_MOUNTED_BYTES: usize = 16 << 20;
 /// Mounted files per sandbox.
@@ -278,17 +282,26 @@ pub async fn write(
         };
         fs.write_file(&path, WriteOptions { mode, parents }, &mut src)
     });
-    // Feeding the file thread; if it stops reading (it failed), its error is the answer. When this
-    // future is dropped (the client went away), the channel closes without `End` and the write is
-    // abandoned.
+    // Feeding the file thread. If it stops reading (it failed: a full disk, a read-only path), its error
+    // is the answer, given once the rest of the body has been read and dropped (a client still sending
+    // would not see an answer sent earlier), up to DRAIN_LIMIT. When this future is dropped (the client
+    // went away), the channel closes without `End` and the write is abandoned.
     let mut stream = body.into_data_stream();
     let mut interrupted = None;
+    let mut writer_gone = false;
+    let mut drained = 0usize;
     while let Some(item) = stream.next().await {
         match item {
+            Ok(b) if writer_gone => {
+                drained += b.len();
+                if drained > DRAIN_LIMIT {
+                    break;
+                }
+            }
             Ok(b) if b.is_empty() => continue,
             Ok(b) => {
                 if tx.send(Chunk::Data(b)).await.is_err() {
-                    break;
+                    writer_gone = true;
                 }
             }
             Err(e) => {
@@ -297,19 +310,22 @@ pub async fn write(
             }
         }
     }
-    if interrupted.is_none() {
+    if interrupted.is_none() && !writer_gone {
         let _ = tx.send(Chunk::End).await;
     }
     drop(tx);
     let written = job.await.map_err(|e| internal("writing a file", e))?;
-    if let Some(e) = interrupted {
-        return Err(ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!("the upload of {shown} was interrupted: {e}"),
-        )
-        .into());
-    }
-    let w = written.map_err(file_error)?;
+    let w = match (written, interrupted) {
+        (Ok(w), _) => w,
+        (Err(FileError::Aborted { .. }), Some(e)) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("the upload of {shown} was interrupted: {e}"),
+            )
+            .into())
+        }
+        (Err(e), _) => return Err(file_error(e).into()),
+    };
     Ok((
         StatusCode::OK,
         Json(FileInfo {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use sandbox_proto::ApiError;
-use sandbox_runtime::spec::{ExecControl, ExecEvent, ExecSpec};
+use sandbox_runtime::spec::{ExecControl, ExecEvent, ExecPrepare, ExecRun, ExecSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
@@ -27,9 +27,17 @@ pub(crate) struct Helper {
 }
 
 impl Helper {
-    /// Starts the helper and sends it the spec. With `stdin`, the command's stdin is a pipe
+    /// Starts the helper and sends it the whole spec. With `stdin`, the command's stdin is a pipe
     /// ([`Helper::stdin`]); without, `/dev/null`.
     pub async fn spawn(exe: &Path, spec: &ExecSpec, stdin: bool) -> Result<Self, ApiError> {
+        let mut h = Self::prepare(exe, &spec.prepare(), stdin).await?;
+        h.start(&spec.run()).await?;
+        Ok(h)
+    }
+
+    /// Starts a helper and sends it the first line only: it enters the sandbox and waits for
+    /// [`Helper::start`]. Its stdin is a pipe when `stdin` (drop [`Helper::stdin`] for end-of-file).
+    pub async fn prepare(exe: &Path, prep: &ExecPrepare, stdin: bool) -> Result<Self, ApiError> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| internal("socketpair", e))?;
         let theirs_fd = theirs.as_raw_fd();
@@ -59,7 +67,7 @@ impl Helper {
         let ctl = tokio::net::UnixStream::from_std(ours).map_err(|e| internal("socket", e))?;
         let (ctl_r, mut ctl_w) = ctl.into_split();
         let mut line =
-            serde_json::to_vec(spec).map_err(|e| internal("encoding the exec spec", e))?;
+            serde_json::to_vec(prep).map_err(|e| internal("encoding the exec spec", e))?;
         line.push(b'\n');
         ctl_w
             .write_all(&line)
@@ -86,16 +94,44 @@ impl Helper {
         })
     }
 
-    /// The next event; `None` once the helper closed its side. Cancel-safe.
+    /// Sends the command (the second line).
+    pub async fn start(&mut self, run: &ExecRun) -> Result<(), ApiError> {
+        let mut line =
+            serde_json::to_vec(run).map_err(|e| internal("encoding the exec spec", e))?;
+        line.push(b'\n');
+        self.control
+            .write_all(&line)
+            .await
+            .map_err(|e| internal("sending the exec command", e))
+    }
+
+    /// Whether the helper process still runs (a prepared one leaves when its sandbox ends).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The next event (`Prepared` is skipped); `None` once the helper closed its side. Cancel-safe.
     pub async fn next_event(&mut self) -> Option<ExecEvent> {
-        match self.events.next_line().await {
-            Ok(Some(l)) => Some(
-                serde_json::from_str(&l).unwrap_or_else(|e| ExecEvent::Failed {
+        loop {
+            let ev = match self.events.next_line().await {
+                Ok(Some(l)) => serde_json::from_str(&l).unwrap_or_else(|e| ExecEvent::Failed {
                     message: format!("bad message from the exec helper: {e}"),
                 }),
-            ),
-            _ => None,
+                _ => return None,
+            };
+            if ev != ExecEvent::Prepared {
+                return Some(ev);
+            }
         }
+    }
+
+    /// Reaps the helper in the background: after its exit report it still moves back to the sandbox's
+    /// cgroup and removes its leaf, which nobody needs to wait for.
+    pub fn reap_later(mut self) {
+        drop(self.stdin.take());
+        tokio::spawn(async move {
+            let _ = self.child.wait().await;
+        });
     }
 
     /// Sends a control message (ignored once the helper is gone).

@@ -191,6 +191,9 @@ pub struct Manager {
     /// written there before its cgroup is created and dropped only after the cgroup is gone (or the id has
     /// become a sandbox's, recorded in its own `sandbox.json`).
     pool_ids: StdMutex<std::collections::BTreeSet<String>>,
+    /// One exec helper per running sandbox, prepared ahead of time (in the sandbox's namespaces and a
+    /// leaf cgroup of its own), taken by the next exec; see `sandbox_runtime::exec`.
+    exec_slots: StdMutex<std::collections::HashMap<String, crate::helper::Helper>>,
 }
 
 /// A supervisor prepared ahead of time, with the id and cgroup its sandbox will have.
@@ -317,6 +320,7 @@ impl Manager {
             refilling: std::sync::atomic::AtomicBool::new(false),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             pool_ids: StdMutex::new(std::collections::BTreeSet::new()),
+            exec_slots: StdMutex::new(std::collections::HashMap::new()),
         });
         m.recover().await;
         m.collect_images().await;
@@ -540,6 +544,18 @@ impl Manager {
 
     /// Creates and starts a sandbox; answers once it is RUNNING (or failed, leaving nothing behind).
     pub async fn create(
+        self: &Arc<Self>,
+        req: CreateSandboxRequest,
+    ) -> Result<SandboxInfo, ApiError> {
+        let info = self.create_sandbox(req).await?;
+        if info.status == SandboxStatus::Running {
+            // The first exec finds its helper ready.
+            self.prepare_exec_slot(&info.id);
+        }
+        Ok(info)
+    }
+
+    async fn create_sandbox(
         self: &Arc<Self>,
         req: CreateSandboxRequest,
     ) -> Result<SandboxInfo, ApiError> {
@@ -977,6 +993,7 @@ impl Manager {
 
     /// Called when a sandbox's supervisor has exited: records the outcome.
     async fn finalize(self: &Arc<Self>, id: &str) {
+        self.drop_exec_slot(id);
         let Ok(entry) = self.entry(id).await else {
             return;
         };
@@ -1239,6 +1256,7 @@ impl Manager {
     }
 
     async fn remove(&self, id: &str) -> Result<(), ApiError> {
+        self.drop_exec_slot(id);
         let Some(entry) = self.sandboxes.lock().await.remove(id) else {
             return Ok(());
         };
@@ -1357,25 +1375,96 @@ impl Manager {
         }
     }
 
-    /// The `sandboxd` binary (started again as `exec-helper`).
-    pub(crate) fn exe(&self) -> &Path {
-        &self.exe
+    /// An exec helper running `spec`: the sandbox's prepared one when there is one, else a fresh one.
+    /// Either way a new one is prepared for the next exec.
+    pub(crate) async fn exec_helper(
+        self: &Arc<Self>,
+        entry: &Entry,
+        spec: &ExecSpec,
+        stdin: bool,
+    ) -> Result<crate::helper::Helper, ApiError> {
+        // Slots are kept by id; `exec` may have been called with the name.
+        let id = lock(&entry.rec).id.clone();
+        let id = id.as_str();
+        let warm =
+            lock(&self.exec_slots)
+                .remove(id)
+                .and_then(|mut h| if h.alive() { Some(h) } else { None });
+        let mut helper = match warm {
+            Some(mut h) => {
+                if !stdin {
+                    drop(h.stdin.take());
+                }
+                h.start(&spec.run()).await?;
+                h
+            }
+            None => crate::helper::Helper::spawn(&self.exe, spec, stdin).await?,
+        };
+        if !stdin {
+            drop(helper.stdin.take());
+        }
+        self.prepare_exec_slot(id);
+        Ok(helper)
+    }
+
+    /// Prepares the sandbox's next exec helper in the background (if it runs and has none).
+    pub(crate) fn prepare_exec_slot(self: &Arc<Self>, id: &str) {
+        if !self.cfg.exec_prepare {
+            return;
+        }
+        let m = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let Ok(entry) = m.entry(&id).await else {
+                return;
+            };
+            let rec = entry.snapshot();
+            let (Some(init), Some(cgroup), SandboxStatus::Running) =
+                (rec.init, rec.cgroup.clone(), rec.status)
+            else {
+                return;
+            };
+            if lock(&m.exec_slots).contains_key(&id) {
+                return;
+            }
+            let n = m.counter.fetch_add(1, Ordering::Relaxed);
+            let prep = sandbox_runtime::spec::ExecPrepare {
+                init,
+                cgroup,
+                cgroup_leaf: format!("exec-{}-{n}", std::process::id()),
+            };
+            match crate::helper::Helper::prepare(&m.exe, &prep, true).await {
+                Ok(h) => {
+                    // A slot filled meanwhile wins; the extra helper is dismissed (socket closed).
+                    let mut slots = lock(&m.exec_slots);
+                    slots.entry(id).or_insert(h);
+                }
+                Err(e) => tracing::debug!(%id, "preparing an exec helper: {e}"),
+            }
+        });
+    }
+
+    /// Dismisses the sandbox's prepared exec helper (it leaves its cgroup and exits).
+    pub(crate) fn drop_exec_slot(&self, id: &str) {
+        let slot = lock(&self.exec_slots).remove(id);
+        if let Some(h) = slot {
+            h.reap_later();
+        }
     }
 
     /// Runs a command in a running sandbox and collects its output.
-    pub async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExecResult, ApiError> {
+    pub async fn exec(
+        self: &Arc<Self>,
+        id: &str,
+        req: ExecRequest,
+    ) -> Result<ExecResult, ApiError> {
         let (entry, spec) = self.exec_spec(id, &req, None).await?;
         let cap = req
             .max_output_bytes
             .unwrap_or(self.cfg.exec_max_output_bytes);
         let started = std::time::Instant::now();
-        let out = run_exec_helper(
-            &self.exe,
-            &spec,
-            req.stdin.as_deref().map(str::as_bytes),
-            cap,
-        )
-        .await?;
+        let helper = self.exec_helper(&entry, &spec, req.stdin.is_some()).await?;
+        let out = run_exec_helper(helper, req.stdin.as_deref().map(str::as_bytes), cap).await?;
         let mut result = ExecResult::from_bytes(&out.stdout, &out.stderr);
         result.stdout_truncated = out.stdout_truncated;
         result.stderr_truncated = out.stderr_truncated;
@@ -1407,7 +1496,7 @@ impl Manager {
                 Ok(result)
             }
             ExecEvent::Failed { message } => Err(Self::exec_failure(&entry, id, &message)),
-            ExecEvent::Started { .. } => {
+            ExecEvent::Started { .. } | ExecEvent::Prepared => {
                 Err(internal("exec", "helper ended without an exit status"))
             }
         }
@@ -1786,12 +1875,10 @@ async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Cap
 
 /// Starts `sandboxd exec-helper` with its control socket on fd 3 and collects the result.
 async fn run_exec_helper(
-    exe: &Path,
-    spec: &ExecSpec,
+    mut helper: crate::helper::Helper,
     stdin: Option<&[u8]>,
     cap: u64,
 ) -> Result<ExecOutput, ApiError> {
-    let mut helper = crate::helper::Helper::spawn(exe, spec, stdin.is_some()).await?;
     let out = Arc::new(StdMutex::new(Capped::default()));
     let err = Arc::new(StdMutex::new(Capped::default()));
     let (Some(so), Some(se)) = (helper.stdout.take(), helper.stderr.take()) else {
@@ -1812,7 +1899,7 @@ async fn run_exec_helper(
             break;
         }
     }
-    let _ = helper.child.wait().await;
+    helper.reap_later();
     let event = last.unwrap_or(ExecEvent::Failed {
         message: "the exec helper ended without a result".into(),
     });

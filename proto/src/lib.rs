@@ -4,11 +4,13 @@
 //! image-reference normalisation, resource-quantity parsing, the OpenAPI document (`openapi.yaml`) and a
 //! typed client. It has no Linux-specific code.
 
+pub mod blocking;
 pub mod client;
 pub mod error;
 pub mod exec_stream;
 pub mod image_ref;
 pub mod quantity;
+pub mod sandbox;
 pub mod stream;
 pub mod types;
 

@@ -2,15 +2,23 @@
 //! running sandbox.
 //!
 //! The daemon gives it stdin/stdout/stderr (inherited by the command as they are) and a control socket on
-//! fd 3, over which it receives one [`ExecSpec`] line and answers with [`ExecEvent`] lines. It:
+//! fd 3, over which it receives two lines, [`ExecPrepare`] then [`ExecRun`], and answers with
+//! [`ExecEvent`] lines. With the first line it:
 //! 1. opens a pidfd for the sandbox's init (checked against its start time, so a reused pid is refused);
-//! 2. creates a leaf cgroup for this exec's process tree and keeps directory fds of it;
+//! 2. creates a leaf cgroup for this exec's process tree, keeps directory fds of it, and joins it itself
+//!    (so the command is born in it: no migration on the exec's path);
 //! 3. `setns(pidfd, user|mnt|pid|net|uts|ipc|cgroup)` — all namespaces at once, atomically;
-//! 4. forks: the child is in the sandbox's pid namespace; the helper moves it into the leaf cgroup, then lets
-//!    it become the command (credentials, capabilities, no_new_privs, seccomp, cwd check, exec);
-//! 5. waits for it with a deadline; at the deadline it SIGKILLs every process of the leaf cgroup.
+//! 4. answers `Prepared`. The daemon may start helpers ahead of time, up to here, so that an exec only
+//!    pays for what follows. A prepared helper whose socket closes, or whose sandbox ends, leaves quietly.
+//!
+//! With the second line it forks: the child is in the sandbox's pid namespace and leaf cgroup and becomes
+//! the command (terminal, credentials, capabilities, no_new_privs, seccomp, cwd check, exec). The helper
+//! relays the terminal if there is one, applies control messages (resize, signal, cancel), waits with a
+//! deadline (at which it SIGKILLs every process of the leaf), reports `Exited`, then moves back to the
+//! sandbox's cgroup and removes the leaf if it is empty. End of file on the socket while the command
+//! runs kills the command's tree: nobody is left to read its output.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -21,7 +29,7 @@ use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 
-use crate::spec::{ExecControl, ExecEvent, ExecSpec, TtySize};
+use crate::spec::{ExecControl, ExecEvent, ExecPrepare, ExecRun, TtySize};
 
 /// The namespaces an exec joins.
 pub const JOIN_NS: CloneFlags = CloneFlags::from_bits_truncate(
@@ -44,33 +52,50 @@ fn send(ctl: &mut UnixStream, ev: &ExecEvent) {
     }
 }
 
-/// Entry point of `sandboxd exec-helper`. Returns the helper's exit code (0 once an `Exited` was sent).
+/// Entry point of `sandboxd exec-helper`. Returns the helper's exit code (0 once an `Exited` was sent,
+/// or when it was dismissed before a command came).
 pub fn main() -> i32 {
     // SAFETY: the daemon starts this helper with its control socket on fd 3 and nothing else owns it.
     let ctl_fd = unsafe { OwnedFd::from_raw_fd(CONTROL_FD) };
     let mut ctl = UnixStream::from(ctl_fd);
-    let mut line = String::new();
-    let read = ctl
-        .try_clone()
-        .map(BufReader::new)
-        .and_then(|mut r| r.read_line(&mut line));
-    if read.is_err() || line.is_empty() {
-        return 2;
-    }
-    let spec: ExecSpec = match serde_json::from_str(&line) {
-        Ok(s) => s,
-        Err(e) => {
-            send(
-                &mut ctl,
-                &ExecEvent::Failed {
-                    message: format!("bad exec spec: {e}"),
-                },
-            );
-            return 2;
-        }
+    let mut control = Control::default();
+    let prep: ExecPrepare = match control.next_line_blocking(&mut ctl) {
+        Some(line) => match serde_json::from_slice(&line) {
+            Ok(p) => p,
+            Err(e) => {
+                send(
+                    &mut ctl,
+                    &ExecEvent::Failed {
+                        message: format!("bad exec spec: {e}"),
+                    },
+                );
+                return 2;
+            }
+        },
+        None => return 2,
     };
     let _ = crate::sys::cloexec_from(4);
-    match run(&spec, &mut ctl) {
+    let prepared = match prepare(&prep) {
+        Ok(p) => p,
+        Err(message) => {
+            send(&mut ctl, &ExecEvent::Failed { message });
+            return 1;
+        }
+    };
+    send(&mut ctl, &ExecEvent::Prepared);
+    let run_spec = match wait_for_command(&mut ctl, &mut control, &prepared) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            prepared.leave();
+            return 0;
+        }
+        Err(message) => {
+            send(&mut ctl, &ExecEvent::Failed { message });
+            prepared.leave();
+            return 1;
+        }
+    };
+    let code = match run(&prepared, &run_spec, &mut ctl, &mut control) {
         Ok(ev) => {
             send(&mut ctl, &ev);
             0
@@ -79,7 +104,9 @@ pub fn main() -> i32 {
             send(&mut ctl, &ExecEvent::Failed { message });
             1
         }
-    }
+    };
+    prepared.leave();
+    code
 }
 
 struct Leaf {
@@ -89,10 +116,12 @@ struct Leaf {
     dirs: Vec<OwnedFd>,
     /// The parent (sandbox) directories and the leaf's name, to remove the leaf when it empties.
     parents: Vec<OwnedFd>,
+    /// `cgroup.procs` of the parents: the helper moves back there before it removes the leaf.
+    parent_procs: Vec<OwnedFd>,
     name: String,
 }
 
-fn open_leaf(spec: &ExecSpec) -> Result<Leaf, String> {
+fn open_leaf(spec: &ExecPrepare) -> Result<Leaf, String> {
     let leaf = spec
         .cgroup
         .create_child(&spec.cgroup_leaf)
@@ -101,6 +130,7 @@ fn open_leaf(spec: &ExecSpec) -> Result<Leaf, String> {
         procs: Vec::new(),
         dirs: Vec::new(),
         parents: Vec::new(),
+        parent_procs: Vec::new(),
         name: spec.cgroup_leaf.clone(),
     };
     for (dir, parent) in leaf.dirs.iter().zip(spec.cgroup.dirs.iter()) {
@@ -122,6 +152,13 @@ fn open_leaf(spec: &ExecSpec) -> Result<Leaf, String> {
             Mode::empty(),
         )
         .map_err(|e| format!("opening {}: {e}", parent.display()))?;
+        let pp = nix::fcntl::open(
+            parent.join("cgroup.procs").as_path(),
+            OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| format!("opening {}/cgroup.procs: {e}", parent.display()))?;
+        out.parent_procs.push(pp);
         out.dirs.push(d);
         out.procs.push(p);
         out.parents.push(par);
@@ -143,12 +180,13 @@ fn leaf_pids(dir: BorrowedFd<'_>) -> Vec<i32> {
     s.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-/// SIGKILLs every process in the leaf, repeating until it is empty (bounded).
+/// SIGKILLs every process in the leaf but the helper itself, repeating until none is left (bounded).
 fn kill_leaf(leaf: &Leaf) {
+    let me = std::process::id() as i32;
     for _ in 0..200 {
         let mut any = false;
         for d in &leaf.dirs {
-            for pid in leaf_pids(d.as_fd()) {
+            for pid in leaf_pids(d.as_fd()).into_iter().filter(|p| *p != me) {
                 any = true;
                 // Pin the process first, then check it still belongs to the leaf: a pid recycled by the
                 // host in between is never signalled.
@@ -222,15 +260,41 @@ fn attach_tty(slave: BorrowedFd<'_>) -> Result<(), nix::errno::Errno> {
     crate::sys::set_controlling_tty(std::io::stdin().as_fd()).map_err(|_| nix::errno::Errno::ENOTTY)
 }
 
-/// Control messages read from fd 3 after the spec.
+/// Lines read from fd 3: the two spec lines, then control messages. Buffered here so that nothing the
+/// daemon sent early is lost between the phases.
+#[derive(Default)]
 struct Control {
     buf: Vec<u8>,
     closed: bool,
 }
 
 impl Control {
-    /// Reads what is available (the socket is non-blocking) and returns the complete messages.
-    fn read(&mut self, ctl: &mut UnixStream) -> Vec<ExecControl> {
+    fn take_line(&mut self) -> Option<Vec<u8>> {
+        let nl = self.buf.iter().position(|b| *b == b'\n')?;
+        Some(self.buf.drain(..=nl).collect())
+    }
+
+    /// Blocks until a whole line is there; `None` at end of file.
+    fn next_line_blocking(&mut self, ctl: &mut UnixStream) -> Option<Vec<u8>> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(l) = self.take_line() {
+                return Some(l);
+            }
+            if self.closed {
+                return None;
+            }
+            match std::io::Read::read(ctl, &mut chunk) {
+                Ok(0) => self.closed = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.closed = true,
+            }
+        }
+    }
+
+    /// Reads what is available (the socket is non-blocking) without waiting.
+    fn fill(&mut self, ctl: &mut UnixStream) {
         let mut chunk = [0u8; 4096];
         loop {
             match std::io::Read::read(ctl, &mut chunk) {
@@ -247,14 +311,118 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Reads what is available and returns the complete control messages.
+    fn read(&mut self, ctl: &mut UnixStream) -> Vec<ExecControl> {
+        self.fill(ctl);
         let mut out = Vec::new();
-        while let Some(nl) = self.buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=nl).collect();
+        while let Some(line) = self.take_line() {
             if let Ok(m) = serde_json::from_slice::<ExecControl>(&line) {
                 out.push(m);
             }
         }
         out
+    }
+}
+
+/// A helper ready for its command: inside the sandbox's namespaces and its own leaf cgroup.
+struct Prepared {
+    init: OwnedFd,
+    leaf: Leaf,
+    filter: seccompiler::BpfProgram,
+    devnull: OwnedFd,
+    hostname: Option<String>,
+}
+
+impl Prepared {
+    /// Moves the helper back into the sandbox's cgroup and removes the leaf if nothing else is in it.
+    fn leave(&self) {
+        for p in &self.leaf.parent_procs {
+            let _ = nix::unistd::write(p, b"0");
+        }
+        remove_leaf_if_empty(&self.leaf);
+    }
+}
+
+/// Everything that does not depend on the command: the leaf cgroup (joined by the helper itself, so
+/// that the command is born in it — moving a process between v1 cgroups waits for an RCU grace period,
+/// which this keeps off the exec's path when the daemon prepares helpers ahead of time), the seccomp
+/// filter and the sandbox's namespaces.
+fn prepare(spec: &ExecPrepare) -> Result<Prepared, String> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
+    let init = crate::sys::pidfd_open_checked(spec.init.pid, spec.init.start_time)
+        .map_err(|_| "the sandbox is not running".to_owned())?;
+    let leaf = open_leaf(spec)?;
+    let filter = match crate::seccomp::default_filter() {
+        Ok(f) => f,
+        Err(e) => {
+            remove_leaf_if_empty(&leaf);
+            return Err(format!("seccomp filter: {e}"));
+        }
+    };
+    // The helper's own copies of stdin/stdout/stderr are replaced by /dev/null once the command has
+    // them, so that end-of-file and broken pipes reach the daemon when the command ends.
+    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("opening /dev/null: {e}"))?;
+    let prepared = Prepared {
+        init,
+        leaf,
+        filter,
+        devnull,
+        hostname: None,
+    };
+    for p in &prepared.leaf.procs {
+        if let Err(e) = nix::unistd::write(p, b"0") {
+            prepared.leave();
+            return Err(format!("joining the exec's cgroup: {e}"));
+        }
+    }
+    if let Err(e) = crate::sys::setns(prepared.init.as_fd(), JOIN_NS.bits()) {
+        prepared.leave();
+        return Err(format!("entering the sandbox's namespaces: {e}"));
+    }
+    let hostname = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok());
+    Ok(Prepared {
+        hostname,
+        ..prepared
+    })
+}
+
+/// Waits for the command line. `None`: dismissed (the daemon closed the socket) or the sandbox ended.
+fn wait_for_command(
+    ctl: &mut UnixStream,
+    control: &mut Control,
+    prepared: &Prepared,
+) -> Result<Option<ExecRun>, String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    let _ = ctl.set_nonblocking(true);
+    loop {
+        control.fill(ctl);
+        if let Some(line) = control.take_line() {
+            let _ = ctl.set_nonblocking(false);
+            return serde_json::from_slice(&line)
+                .map(Some)
+                .map_err(|e| format!("bad exec command: {e}"));
+        }
+        if control.closed {
+            return Ok(None);
+        }
+        let mut fds = [
+            PollFd::new(ctl.as_fd(), PollFlags::POLLIN),
+            PollFd::new(prepared.init.as_fd(), PollFlags::POLLIN),
+        ];
+        match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => {
+                if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+                    return Ok(None);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
     }
 }
 
@@ -299,55 +467,35 @@ impl Relay {
     }
 }
 
-fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
+fn run(
+    prepared: &Prepared,
+    spec: &ExecRun,
+    ctl: &mut UnixStream,
+    control: &mut Control,
+) -> Result<ExecEvent, String> {
     if spec.process.args.is_empty() {
         return Err("empty command".to_owned());
     }
-    nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl: {e}"))?;
-    let init = crate::sys::pidfd_open_checked(spec.init.pid, spec.init.start_time)
-        .map_err(|_| "the sandbox is not running".to_owned())?;
-    let leaf = open_leaf(spec)?;
-    let filter = crate::seccomp::default_filter().map_err(|e| format!("seccomp filter: {e}"))?;
-    // The helper's own copies of stdin/stdout/stderr are replaced by /dev/null once the command has
-    // them, so that end-of-file and broken pipes reach the daemon when the command ends.
-    let devnull = nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(|e| format!("opening /dev/null: {e}"))?;
-    crate::sys::setns(init.as_fd(), JOIN_NS.bits())
-        .map_err(|e| format!("entering the sandbox's namespaces: {e}"))?;
-    let hostname = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok());
+    let leaf = &prepared.leaf;
     let mut pty = spec.tty.map(open_pty).transpose()?;
-    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-
+    // The command is born in the leaf cgroup (the helper is in it), in the sandbox's pid namespace.
     let (pid, pidfd) = match crate::sys::clone3_fork(0, None)
         .map_err(|e| format!("fork into the sandbox: {e}"))?
     {
         crate::sys::CloneResult::Child => {
-            drop(go_w);
-            let mut b = [0u8; 1];
-            if !matches!(nix::unistd::read(&go_r, &mut b), Ok(1)) {
-                crate::sys::exit_now(1);
-            }
             if let Some(slave) = pty.as_ref().and_then(|p| p.slave.as_ref()) {
                 if attach_tty(slave.as_fd()).is_err() {
                     crate::sys::exit_now(126);
                 }
             }
-            crate::process::exec_user_process(&spec.process, hostname.as_deref(), Some(&filter))
+            crate::process::exec_user_process(
+                &spec.process,
+                prepared.hostname.as_deref(),
+                Some(&prepared.filter),
+            )
         }
         crate::sys::CloneResult::Parent { pid, pidfd } => (Pid::from_raw(pid), pidfd),
     };
-    drop(go_r);
-    for p in &leaf.procs {
-        if let Err(e) = nix::unistd::write(p, pid.as_raw().to_string().as_bytes()) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(pid, None);
-            return Err(format!("moving the exec into its cgroup: {e}"));
-        }
-    }
-    nix::unistd::write(&go_w, b"G").map_err(|e| format!("releasing the exec: {e}"))?;
-    drop(go_w);
     send(ctl, &ExecEvent::Started { pid: pid.as_raw() });
 
     // Our stdio: with a TTY it is relayed (stdin -> master, master -> stdout); without, the command
@@ -363,10 +511,9 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         }
         None => (None, None),
     };
-    let _ = nix::unistd::dup2_stdin(&devnull);
-    let _ = nix::unistd::dup2_stdout(&devnull);
-    let _ = nix::unistd::dup2_stderr(&devnull);
-    drop(devnull);
+    let _ = nix::unistd::dup2_stdin(&prepared.devnull);
+    let _ = nix::unistd::dup2_stdout(&prepared.devnull);
+    let _ = nix::unistd::dup2_stderr(&prepared.devnull);
     let _ = ctl.set_nonblocking(true);
 
     let deadline = spec
@@ -375,10 +522,6 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let mut timed_out = false;
     let mut cancelled = false;
-    let mut control = Control {
-        buf: Vec::new(),
-        closed: false,
-    };
     let mut input = Relay::default();
     let mut output = Relay::default();
     let mut sent_eof = false;
@@ -424,7 +567,7 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         };
         if n == 0 && deadline.is_some() {
             timed_out = true;
-            kill_leaf(&leaf);
+            kill_leaf(leaf);
             break;
         }
         let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
@@ -457,7 +600,7 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
                 match m {
                     ExecControl::Cancel => {
                         cancelled = true;
-                        kill_leaf(&leaf);
+                        kill_leaf(leaf);
                     }
                     ExecControl::Signal { signal } => {
                         let _ = crate::sys::pidfd_send_signal(pidfd.as_fd(), signal);
@@ -472,7 +615,7 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
             if control.closed {
                 // The daemon (and with it the client) is gone: nothing will read the output.
                 cancelled = true;
-                kill_leaf(&leaf);
+                kill_leaf(leaf);
             }
         }
         if child_done {
@@ -513,7 +656,6 @@ fn run(spec: &ExecSpec, ctl: &mut UnixStream) -> Result<ExecEvent, String> {
         Ok(other) => return Err(format!("unexpected wait status {other:?}")),
         Err(e) => return Err(format!("waitpid: {e}")),
     };
-    remove_leaf_if_empty(&leaf);
     let _ = ctl.set_nonblocking(false);
     Ok(ExecEvent::Exited {
         code,

@@ -144,6 +144,52 @@ pub struct ExecSpec {
     pub tty: Option<TtySize>,
 }
 
+impl ExecSpec {
+    /// The helper's first line: what it can prepare before the command is known.
+    pub fn prepare(&self) -> ExecPrepare {
+        ExecPrepare {
+            init: self.init,
+            cgroup: self.cgroup.clone(),
+            cgroup_leaf: self.cgroup_leaf.clone(),
+        }
+    }
+
+    /// The helper's second line: the command.
+    pub fn run(&self) -> ExecRun {
+        ExecRun {
+            process: self.process.clone(),
+            timeout_seconds: self.timeout_seconds,
+            tty: self.tty,
+        }
+    }
+}
+
+/// First line to the exec helper: the sandbox to enter and the leaf cgroup to create. The helper
+/// prepares everything that does not depend on the command (leaf cgroup, which it joins itself so that
+/// the command is born in it; namespaces; seccomp filter), answers [`ExecEvent::Prepared`], and waits
+/// for an [`ExecRun`] line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecPrepare {
+    /// The sandbox's init.
+    pub init: ProcRecord,
+    /// The sandbox's cgroup; the exec gets a leaf child cgroup of it.
+    pub cgroup: SandboxCgroup,
+    /// Name of the leaf cgroup for this exec.
+    pub cgroup_leaf: String,
+}
+
+/// Second line to the exec helper: the command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRun {
+    /// The process.
+    pub process: ProcessSpec,
+    /// Kill the process tree after this many seconds.
+    pub timeout_seconds: Option<f64>,
+    /// Run on a pseudo-terminal.
+    #[serde(default)]
+    pub tty: Option<TtySize>,
+}
+
 /// Columns and rows of a terminal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TtySize {
@@ -178,6 +224,8 @@ pub enum ExecControl {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExecEvent {
+    /// The helper is in the sandbox's namespaces and leaf cgroup, waiting for its command.
+    Prepared,
     /// The process runs (host pid).
     Started {
         /// Host pid.

@@ -1,27 +1,21 @@
 """PEP 517 build backend of the sandboxd client: setuptools' own, plus a standard-library wheel writer.
 
-setuptools before 70.1 needs the separate ``wheel`` package for ``bdist_wheel``, and a fresh virtual
-environment of Python 3.9-3.11 has setuptools but not ``wheel``. So that
-``pip install --no-build-isolation ./proto/python`` works there, offline, this backend delegates to
-``setuptools.build_meta`` whenever ``bdist_wheel`` is available and otherwise writes the (pure-Python)
-wheel itself, with the metadata setuptools computes from ``pyproject.toml``.
+``pip install --no-build-isolation`` builds with what the target environment has, and a fresh virtual
+environment may lack what setuptools needs: Python 3.9-3.11 venvs have setuptools without the ``wheel``
+package (which setuptools before 70.1 needs for ``bdist_wheel``), Python 3.9's bundled setuptools predates
+``[project]`` support (61), and 3.12+ venvs have no setuptools at all. So that the client installs offline
+everywhere, this backend hands the build to ``setuptools.build_meta`` when setuptools can do it, and
+otherwise writes the (pure-Python, dependency-free) wheel itself from ``pyproject.toml``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import os
+import re
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
-
-from setuptools import build_meta as _st
-from setuptools.build_meta import (  # noqa: F401 - re-exported hooks
-    build_sdist,
-    get_requires_for_build_sdist,
-    get_requires_for_build_wheel,
-)
 
 __all__ = [
     "build_sdist",
@@ -34,7 +28,15 @@ __all__ = [
 _TAG = "py3-none-any"
 
 
-def _have_bdist_wheel() -> bool:
+def _setuptools_can_build() -> bool:
+    """setuptools >= 61 (``[project]`` tables) with a ``bdist_wheel`` command."""
+    try:
+        import setuptools
+    except ImportError:
+        return False
+    m = re.match(r"(\d+)", getattr(setuptools, "__version__", "0"))
+    if not m or int(m.group(1)) < 61:
+        return False
     try:
         import setuptools.command.bdist_wheel  # noqa: F401  (setuptools >= 70.1)
 
@@ -49,37 +51,37 @@ def _have_bdist_wheel() -> bool:
         return False
 
 
-def _distribution() -> Any:
-    from setuptools.config.pyprojecttoml import apply_configuration
-    from setuptools.dist import Distribution
-
-    dist = Distribution()
-    apply_configuration(dist, "pyproject.toml")
-    return dist
+# -- hooks ---------------------------------------------------------------------------------------------
 
 
-def _dist_info(dist: Any) -> Tuple[str, Dict[str, bytes]]:
-    name = dist.get_name().replace("-", "_")
-    version = dist.get_version()
-    meta = io.StringIO()
-    dist.metadata.write_pkg_file(meta)
-    top = sorted({p.split(".")[0] for p in dist.packages or []})
-    files = {
-        "METADATA": meta.getvalue().encode("utf-8"),
-        "WHEEL": (
-            "Wheel-Version: 1.0\nGenerator: sandboxd_build\nRoot-Is-Purelib: true\n" f"Tag: {_TAG}\n"
-        ).encode("ascii"),
-        "top_level.txt": ("".join(t + "\n" for t in top)).encode("ascii"),
-    }
-    return f"{name}-{version}.dist-info", files
+def get_requires_for_build_wheel(config_settings: Optional[Dict[str, Any]] = None) -> List[str]:
+    if _setuptools_can_build():
+        from setuptools import build_meta
+
+        return build_meta.get_requires_for_build_wheel(config_settings)
+    return []
+
+
+def get_requires_for_build_sdist(config_settings: Optional[Dict[str, Any]] = None) -> List[str]:
+    from setuptools import build_meta
+
+    return build_meta.get_requires_for_build_sdist(config_settings)
+
+
+def build_sdist(sdist_directory: str, config_settings: Optional[Dict[str, Any]] = None) -> str:
+    from setuptools import build_meta
+
+    return build_meta.build_sdist(sdist_directory, config_settings)
 
 
 def prepare_metadata_for_build_wheel(
     metadata_directory: str, config_settings: Optional[Dict[str, Any]] = None
 ) -> str:
-    if _have_bdist_wheel():
-        return _st.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
-    info_dir, files = _dist_info(_distribution())
+    if _setuptools_can_build():
+        from setuptools import build_meta
+
+        return build_meta.prepare_metadata_for_build_wheel(metadata_directory, config_settings)
+    info_dir, files = _dist_info(_project())
     path = os.path.join(metadata_directory, info_dir)
     os.makedirs(path, exist_ok=True)
     for name, data in files.items():
@@ -88,37 +90,22 @@ def prepare_metadata_for_build_wheel(
     return info_dir
 
 
-def _package_files(dist: Any) -> List[str]:
-    out: List[str] = []
-    for pkg in dist.packages or []:
-        d = pkg.replace(".", "/")
-        for name in sorted(os.listdir(d)):
-            p = os.path.join(d, name)
-            if os.path.isfile(p) and (name.endswith(".py") or name == "py.typed"):
-                out.append(p)
-    return out
-
-
-def _record_line(arcname: str, data: bytes) -> str:
-    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
-    return f"{arcname},sha256={digest},{len(data)}\n"
-
-
 def build_wheel(
     wheel_directory: str,
     config_settings: Optional[Dict[str, Any]] = None,
     metadata_directory: Optional[str] = None,
 ) -> str:
-    if _have_bdist_wheel():
-        return _st.build_wheel(wheel_directory, config_settings, metadata_directory)
-    dist = _distribution()
-    info_dir, files = _dist_info(dist)
-    name = info_dir[: -len(".dist-info")]
-    wheel_name = f"{name}-{_TAG}.whl"
+    if _setuptools_can_build():
+        from setuptools import build_meta
+
+        return build_meta.build_wheel(wheel_directory, config_settings, metadata_directory)
+    project = _project()
+    info_dir, files = _dist_info(project)
+    wheel_name = f"{info_dir[: -len('.dist-info')]}-{_TAG}.whl"
     record = ""
     os.makedirs(wheel_directory, exist_ok=True)
     with zipfile.ZipFile(os.path.join(wheel_directory, wheel_name), "w", zipfile.ZIP_DEFLATED) as z:
-        for path in _package_files(dist):
+        for path in _package_files(project["packages"]):
             with open(path, "rb") as f:
                 data = f.read()
             arc = path.replace(os.sep, "/")
@@ -131,3 +118,81 @@ def build_wheel(
         record += f"{info_dir}/RECORD,,\n"
         z.writestr(f"{info_dir}/RECORD", record)
     return wheel_name
+
+
+# -- the stand-alone wheel -----------------------------------------------------------------------------
+
+
+def _load_toml(text: str) -> Dict[str, Any]:
+    try:
+        import tomllib  # Python >= 3.11
+
+        return tomllib.loads(text)
+    except ImportError:
+        pass
+    try:
+        from pip._vendor import tomli  # the installing pip's own parser (Python 3.9, 3.10)
+
+        return tomli.loads(text)  # type: ignore[no-any-return]
+    except ImportError as e:
+        raise RuntimeError("no TOML parser: install setuptools>=61 and wheel, or use Python >= 3.11") from e
+
+
+def _project() -> Dict[str, Any]:
+    with open("pyproject.toml", encoding="utf-8") as f:
+        doc = _load_toml(f.read())
+    project = dict(doc["project"])
+    project["packages"] = list(doc.get("tool", {}).get("setuptools", {}).get("packages", []))
+    return project
+
+
+def _dist_info(project: Dict[str, Any]) -> Tuple[str, Dict[str, bytes]]:
+    name = str(project["name"])
+    version = str(project["version"])
+    lines = [
+        "Metadata-Version: 2.1",
+        f"Name: {name}",
+        f"Version: {version}",
+    ]
+    if project.get("description"):
+        lines.append(f"Summary: {project['description']}")
+    lic = project.get("license")
+    if isinstance(lic, dict) and lic.get("text"):
+        lines.append(f"License: {lic['text']}")
+    if project.get("requires-python"):
+        lines.append(f"Requires-Python: {project['requires-python']}")
+    for c in project.get("classifiers", []):
+        lines.append(f"Classifier: {c}")
+    for dep in project.get("dependencies", []):
+        lines.append(f"Requires-Dist: {dep}")
+    body = ""
+    readme = project.get("readme")
+    if isinstance(readme, str) and os.path.isfile(readme):
+        lines.append("Description-Content-Type: text/markdown")
+        with open(readme, encoding="utf-8") as f:
+            body = f.read()
+    meta = "\n".join(lines) + "\n\n" + body
+    top = sorted({p.split(".")[0] for p in project["packages"]})
+    files = {
+        "METADATA": meta.encode("utf-8"),
+        "WHEEL": f"Wheel-Version: 1.0\nGenerator: sandboxd_build\nRoot-Is-Purelib: true\nTag: {_TAG}\n".encode(),
+        "top_level.txt": "".join(t + "\n" for t in top).encode(),
+    }
+    normalized = re.sub(r"[-_.]+", "_", name).lower()
+    return f"{normalized}-{version}.dist-info", files
+
+
+def _package_files(packages: List[str]) -> List[str]:
+    out: List[str] = []
+    for pkg in packages:
+        d = pkg.replace(".", "/")
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if os.path.isfile(p) and (name.endswith(".py") or name == "py.typed"):
+                out.append(p)
+    return out
+
+
+def _record_line(arcname: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode("ascii")
+    return f"{arcname},sha256={digest},{len(data)}\n"

@@ -7,7 +7,7 @@ import json
 import socket
 import struct
 import threading
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, cast
 
 from ._transport import Transport, error_from_response, quote_id
 from .exceptions import SandboxConnectionError, SandboxError
@@ -58,7 +58,7 @@ class ExecConnection:
         self._wlock = threading.Lock()
         self._closed = False
         try:
-            self._rfile: BinaryIO = self._sock.makefile("rb", buffering=MAX_FRAME + 8)
+            self._rfile = cast(BinaryIO, self._sock.makefile("rb", buffering=MAX_FRAME + 8))
             req = (
                 f"POST /v1/sandboxes/{quote_id(sandbox_id)}/exec/stream HTTP/1.1\r\n"
                 "Host: localhost\r\n"

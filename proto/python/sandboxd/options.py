@@ -174,8 +174,8 @@ class SandboxDefaults:
         object.__setattr__(self, "annotations", dict(self.annotations))
 
     def with_overrides(self, **overrides: Any) -> "SandboxDefaults":
-        """A copy with the given fields replaced (``None`` values are ignored)."""
-        kw = {k: v for k, v in overrides.items() if v is not None}
+        """A copy with the given fields replaced."""
+        kw = dict(overrides)
         unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"SandboxDefaults has no field(s) {', '.join(sorted(unknown))}")

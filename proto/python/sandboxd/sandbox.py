@@ -28,7 +28,6 @@ from .exceptions import (
     SandboxFailedError,
     SandboxNotFoundError,
     SandboxTerminatedError,
-    SandboxTimeoutError,
 )
 from .operation import OperationRef
 from .options import (
@@ -314,7 +313,9 @@ class Sandbox:
     @classmethod
     def run(
         cls,
-        *args: str,
+        *argv: str,
+        command: Optional[str] = None,
+        args: Optional[Sequence[str]] = None,
         container_image: Optional[str] = None,
         max_lifetime_seconds: Optional[float] = None,
         tags: Optional[Iterable[str]] = None,
@@ -329,8 +330,9 @@ class Sandbox:
         """Creates and starts a sandbox; returns at once (creation continues in the background).
 
         Args:
-            *args: the main process and its arguments (``Sandbox.run("python", "train.py")``). Without
+            *argv: the main process and its arguments (``Sandbox.run("python", "train.py")``). Without
                 them the sandbox idles until stopped (unless ``defaults.command`` is set).
+            command, args: the same given apart (``Sandbox.run(command="echo", args=["hi"])``).
             container_image: image reference (default ``python:3.11``; no registry means Docker Hub).
             max_lifetime_seconds: the daemon stops the sandbox (TERMINATED) after this long.
             tags: tags, added to the defaults' tags.
@@ -345,10 +347,13 @@ class Sandbox:
             defaults: :class:`~sandboxd.SandboxDefaults` for everything not given (default:
                 ``sandboxd.options.DEFAULT_SANDBOX_DEFAULTS``).
         """
-        command = args[0] if args else None
+        if argv:
+            if command is not None or args:
+                raise TypeError("give the command either positionally or as command=/args=, not both")
+            command, args = argv[0], list(argv[1:])
         sb = cls(
             command=command,
-            args=list(args[1:]),
+            args=list(args or ()),
             defaults=defaults,
             container_image=container_image,
             max_lifetime_seconds=max_lifetime_seconds,

@@ -374,7 +374,10 @@ mod tests {
             SandboxError::Timeout { .. }
         ));
         let e = api(ErrorCode::ExecTimeout, None);
-        assert!(matches!(e, SandboxError::CommandTimeout { result: None, .. }));
+        assert!(matches!(
+            e,
+            SandboxError::CommandTimeout { result: None, .. }
+        ));
         assert!(e.is_timeout());
         for c in [
             ErrorCode::FileNotFound,
@@ -396,7 +399,10 @@ mod tests {
             ErrorCode::ImageNotFound,
             Some(serde_json::json!({"reference": "docker.io/library/python:3.15"})),
         );
-        assert!(matches!(&e, SandboxError::ImageNotFound { image: Some(_), .. }));
+        assert!(matches!(
+            &e,
+            SandboxError::ImageNotFound { image: Some(_), .. }
+        ));
         assert!(matches!(
             api(ErrorCode::StartFailed, None),
             SandboxError::Failed { info: None, .. }
