@@ -548,8 +548,9 @@ impl Manager {
         req: CreateSandboxRequest,
     ) -> Result<SandboxInfo, ApiError> {
         let info = self.create_sandbox(req).await?;
-        if info.status == SandboxStatus::Running {
-            // The first exec finds its helper ready.
+        if info.status == SandboxStatus::Running && info.command.is_empty() {
+            // An idle sandbox is there for execs: the first one finds its helper ready. (A sandbox with a
+            // main command gets one after its first exec.)
             self.prepare_exec_slot(&info.id);
         }
         Ok(info)

@@ -17,12 +17,24 @@ fn init(argv: &[&str]) -> ExecStreamInit {
     }
 }
 
-/// Reads events until `pred` holds for the stdout collected so far; answers that stdout.
+/// Reads events until `pred` holds for the stdout collected so far (stderr read meanwhile is dropped;
+/// see [`read_until_both`]).
 fn read_until(s: &mut BlockingExecStream, out: &mut Vec<u8>, pred: impl Fn(&str) -> bool) {
+    read_until_both(s, out, &mut Vec::new(), pred)
+}
+
+/// Reads events until `pred` holds for the stdout collected so far, collecting stderr too.
+fn read_until_both(
+    s: &mut BlockingExecStream,
+    out: &mut Vec<u8>,
+    err: &mut Vec<u8>,
+    pred: impl Fn(&str) -> bool,
+) {
     while !pred(&String::from_utf8_lossy(out)) {
         match s.next().expect("stream event") {
             Some(StreamEvent::Stdout(d)) => out.extend_from_slice(&d),
-            Some(StreamEvent::Stderr(_)) | Some(StreamEvent::Ready(_)) => {}
+            Some(StreamEvent::Stderr(d)) => err.extend_from_slice(&d),
+            Some(StreamEvent::Ready(_)) => {}
             other => panic!(
                 "stream ended before the expected output ({:?}): {other:?}",
                 String::from_utf8_lossy(out)
@@ -60,11 +72,12 @@ fn output_arrives_while_the_command_runs_and_stdin_reaches_it() {
     let (mut s, ready) = c.exec_stream(&sb.id, &i).expect("stream");
     assert!(ready.pid > 0);
     // "first" arrives while the command is blocked reading stdin: it is streamed, not collected.
-    let mut out = Vec::new();
-    read_until(&mut s, &mut out, |o| o.contains("first\n"));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    read_until_both(&mut s, &mut out, &mut err, |o| o.contains("first\n"));
     s.write_stdin(b"abc\n").expect("stdin");
-    let (rest, err, exit) = finish(&mut s);
+    let (rest, rest_err, exit) = finish(&mut s);
     out.extend_from_slice(&rest);
+    err.extend_from_slice(&rest_err);
     assert_eq!(String::from_utf8_lossy(&out), "first\ngot-abc\n");
     assert_eq!(String::from_utf8_lossy(&err), "warn\n");
     assert_eq!(exit.exit_code, 3);
@@ -380,4 +393,56 @@ fn sandboxctl_exec_it_is_an_interactive_shell() {
     master.write_all(b"exit 3\n").expect("write");
     let status = child.wait().expect("wait");
     assert_eq!(status.code(), Some(3));
+}
+
+fn hwm_kib(d: &Daemon) -> u64 {
+    sandbox_tests::proc_status_field(d.pid(), "VmHWM")
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .expect("VmHWM")
+}
+
+/// A stdin flood into a command that never reads, and 1 GiB of output from a unary exec: the daemon's
+/// memory stays bounded, the exec ends (timeout / truncation flag), nothing is left behind.
+#[test]
+fn floods_in_and_out_keep_the_daemon_bounded() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "st-flood");
+    let before = hwm_kib(&d);
+
+    // 256 MiB offered to `sleep`, which reads nothing: the writes stall (flow control), the timeout
+    // kills the command, and the rest of the input is discarded.
+    let mut i = init(&["sleep", "1000"]);
+    i.stdin = true;
+    i.timeout_seconds = Some(1.0);
+    let (mut s, _) = c.exec_stream(&sb.id, &i).expect("stream");
+    let mut w = s.writer().expect("writer");
+    let flood = std::thread::spawn(move || {
+        let chunk = vec![b'y'; 1 << 20];
+        for _ in 0..256 {
+            if w.write_stdin(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    let (_, _, exit) = finish(&mut s);
+    assert!(exit.timed_out, "{exit:?}");
+    flood.join().expect("flood");
+
+    // 1 GiB of output, unary, kept to 1 MiB with the truncation flag.
+    let mut req = sandbox_tests::exec_req(&["head", "-c", "1073741824", "/dev/zero"]);
+    req.max_output_bytes = Some(1 << 20);
+    let r = c.exec(&sb.id, &req).expect("exec");
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout_truncated);
+    assert_eq!(r.stdout_bytes().len(), 1 << 20);
+
+    let growth = hwm_kib(&d).saturating_sub(before);
+    assert!(
+        growth < 64 * 1024,
+        "daemon peak memory grew by {growth} KiB"
+    );
 }

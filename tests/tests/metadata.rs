@@ -1,7 +1,6 @@
 //! Lifetimes (also across daemon restarts), resource requests and limits, annotations and list filters.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
 
 use sandbox_tests::sandbox_proto::client::BlockingClient;
 use sandbox_tests::sandbox_proto::{
@@ -63,20 +62,26 @@ fn lifetimes_hold_across_daemon_restarts() {
     let mut d = Daemon::start();
     d.import_busybox();
     let c = d.client();
-    let created = Instant::now();
     // A runs out while the daemon is down; B only after the daemon is back (its timer is re-armed).
     let mut a = busybox(Some(&["sleep", "1000"]));
-    a.max_lifetime_seconds = Some(5.0);
+    a.max_lifetime_seconds = Some(3600.0);
     let a = create(&c, &a);
     let mut b = busybox(None);
     b.max_lifetime_seconds = Some(12.0);
     let b = create(&c, &b);
     d.kill9();
-    // The condition under test is the wall clock passing A's deadline while no daemon runs: wait for it.
-    let a_deadline = created + Duration::from_secs(5) + Duration::from_millis(200);
-    if let Some(left) = a_deadline.checked_duration_since(Instant::now()) {
-        std::thread::sleep(left);
-    }
+    // The condition under test: A's deadline passes while no daemon runs. Rather than waiting for the
+    // wall clock, move the persisted deadline into the past, as the clock would have.
+    let rec_path = d.sandbox_dir(&a.id).join("sandbox.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&rec_path).expect("record")).expect("json");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    assert!(rec["deadline_ms"].as_u64().expect("deadline") > now_ms);
+    rec["deadline_ms"] = serde_json::json!(now_ms - 1000);
+    std::fs::write(&rec_path, serde_json::to_vec(&rec).expect("json")).expect("write record");
     // Nobody enforced it meanwhile: A's init still runs.
     let a_init = a.pid.expect("pid");
     assert!(
