@@ -2,7 +2,7 @@
 //! and exit travel as frames over an upgraded connection (see `sandbox_proto::stream`).
 //!
 //! Rules:
-//! - output is forwarded as it is read, in chunks of at most 256 KiB; a slow client slows the command
+//! - output is forwarded as it is read, in chunks of at most 1 MiB; a slow client slows the command
 //!   (the pipes fill up), nothing is buffered without bound;
 //! - stdin frames are written to the command's stdin in order; a command that does not read stalls the
 //!   client's writes (the connection's buffers fill up), again without unbounded buffering;
@@ -32,7 +32,7 @@ use crate::manager::Manager;
 /// How long a client may take to send its `Init` frame.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Output chunk read per frame.
-const CHUNK: usize = 256 * 1024;
+const CHUNK: usize = MAX_FRAME;
 /// After the exit, how long the output pipes may stay quiet before the stream ends...
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// ...and at most how long in all.

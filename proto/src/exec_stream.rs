@@ -137,7 +137,7 @@ impl Client {
                 source,
             })?;
         let (rd, mut wr) = s.into_split();
-        let mut rd = tokio::io::BufReader::with_capacity(MAX_FRAME + HEADER_LEN, rd);
+        let mut rd = tokio::io::BufReader::with_capacity(64 * 1024, rd);
         let io = |e: std::io::Error| protocol(format!("exec stream: {e}"));
         wr.write_all(request_head(id).as_bytes())
             .await
@@ -319,7 +319,7 @@ impl BlockingExecStream {
         })?;
         let io = |e: std::io::Error| protocol(format!("exec stream: {e}"));
         let mut wr = s.try_clone().map_err(io)?;
-        let mut rd = std::io::BufReader::with_capacity(MAX_FRAME + HEADER_LEN, s);
+        let mut rd = std::io::BufReader::with_capacity(64 * 1024, s);
         wr.write_all(request_head(id).as_bytes()).map_err(io)?;
         let mut head = String::new();
         loop {
