@@ -296,7 +296,11 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
         }
     }
     reader.abort();
-    helper.reap_later();
+    if matches!(exited, Some(ExecEvent::Exited { .. })) {
+        m.recycle_helper(helper, &entry);
+    } else {
+        helper.reap_later();
+    }
     let last = match exited {
         Some(ExecEvent::Exited {
             code,

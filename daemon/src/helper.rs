@@ -1,15 +1,20 @@
 //! Starting `sandboxd exec-helper` (see `sandbox_runtime::exec`) and talking to it over its control
 //! socket: one spec line in, `ExecEvent` lines out, `ExecControl` lines in while the command runs.
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Stdio;
 
 use sandbox_proto::ApiError;
 use sandbox_runtime::spec::{ExecControl, ExecEvent, ExecPrepare, ExecRun, ExecSpec};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+use tokio::process::Child;
+
+/// The daemon's end of a command's stdout or stderr.
+pub(crate) type OutPipe = Box<dyn AsyncRead + Unpin + Send>;
+/// The daemon's end of a command's stdin.
+pub(crate) type InPipe = Box<dyn AsyncWrite + Unpin + Send>;
 
 use crate::error::internal;
 
@@ -19,11 +24,13 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// A running exec helper.
 pub(crate) struct Helper {
     pub child: Child,
-    pub stdin: Option<ChildStdin>,
-    pub stdout: Option<ChildStdout>,
-    pub stderr: Option<ChildStderr>,
+    pub stdin: Option<InPipe>,
+    pub stdout: Option<OutPipe>,
+    pub stderr: Option<OutPipe>,
     events: Lines<BufReader<OwnedReadHalf>>,
     control: OwnedWriteHalf,
+    /// A command ran already: the helper's own stdio is spent, the next one's comes with its line.
+    used: bool,
 }
 
 impl Helper {
@@ -85,24 +92,82 @@ impl Helper {
             let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
         }
         Ok(Self {
-            stdin: child.stdin.take(),
+            stdin: child.stdin.take().map(|s| Box::new(s) as InPipe),
             child,
-            stdout: Some(stdout),
-            stderr: Some(stderr),
+            stdout: Some(Box::new(stdout)),
+            stderr: Some(Box::new(stderr)),
             events: BufReader::new(ctl_r).lines(),
             control: ctl_w,
+            used: false,
         })
     }
 
-    /// Sends the command (the second line).
+    /// Sends the command (the second line). A helper that ran a command already gets new pipes for
+    /// this one, passed with the line (SCM_RIGHTS); [`Helper::stdin`] and the outputs are then theirs.
     pub async fn start(&mut self, run: &ExecRun) -> Result<(), ApiError> {
+        if !self.used {
+            self.used = true;
+            let mut line =
+                serde_json::to_vec(run).map_err(|e| internal("encoding the exec spec", e))?;
+            line.push(b'\n');
+            return self
+                .control
+                .write_all(&line)
+                .await
+                .map_err(|e| internal("sending the exec command", e));
+        }
+        let pipe =
+            || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| internal("pipe", e));
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        for fd in [out_r.as_fd(), err_r.as_fd()] {
+            let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        }
+        let run = ExecRun {
+            stdio_attached: true,
+            ..run.clone()
+        };
         let mut line =
-            serde_json::to_vec(run).map_err(|e| internal("encoding the exec spec", e))?;
+            serde_json::to_vec(&run).map_err(|e| internal("encoding the exec spec", e))?;
         line.push(b'\n');
-        self.control
-            .write_all(&line)
+        let sent = send_with_fds(&self.control, &line, [&in_r, &out_w, &err_w])
             .await
-            .map_err(|e| internal("sending the exec command", e))
+            .map_err(|e| internal("sending the exec command", e))?;
+        self.control
+            .write_all(&line[sent..])
+            .await
+            .map_err(|e| internal("sending the exec command", e))?;
+        // The helper has its copies now; ours of its ends go.
+        drop((in_r, out_w, err_w));
+        let wrap = |e: std::io::Error| internal("pipe", e);
+        self.stdin = Some(Box::new(
+            tokio::net::unix::pipe::Sender::from_owned_fd(in_w).map_err(wrap)?,
+        ));
+        self.stdout = Some(Box::new(
+            tokio::net::unix::pipe::Receiver::from_owned_fd(out_r).map_err(wrap)?,
+        ));
+        self.stderr = Some(Box::new(
+            tokio::net::unix::pipe::Receiver::from_owned_fd(err_r).map_err(wrap)?,
+        ));
+        Ok(())
+    }
+
+    /// After a command's exit report: the helper says `Prepared` again when it can run another (its
+    /// leaf is empty), or ends. Answers the helper in the first case; reaps it otherwise.
+    pub async fn ready_again(mut self) -> Option<Self> {
+        self.stdin = None;
+        self.stdout = None;
+        self.stderr = None;
+        let next =
+            tokio::time::timeout(std::time::Duration::from_secs(10), self.events.next_line()).await;
+        let prepared = matches!(&next, Ok(Ok(Some(l)))
+            if serde_json::from_str::<ExecEvent>(l).ok() == Some(ExecEvent::Prepared));
+        if prepared {
+            return Some(self);
+        }
+        self.reap_later();
+        None
     }
 
     /// Whether the helper process still runs (a prepared one leaves when its sandbox ends).
@@ -125,11 +190,14 @@ impl Helper {
         }
     }
 
-    /// Reaps the helper in the background: after its exit report it still moves back to the sandbox's
-    /// cgroup and removes its leaf, which nobody needs to wait for.
+    /// Dismisses the helper: closes its socket (a helper between commands then leaves its leaf cgroup
+    /// and exits; one still running a command kills it) and reaps it in the background.
     pub fn reap_later(mut self) {
-        drop(self.stdin.take());
+        self.stdin = None;
+        self.stdout = None;
+        self.stderr = None;
         tokio::spawn(async move {
+            let _ = self.control.shutdown().await;
             let _ = self.child.wait().await;
         });
     }
@@ -146,4 +214,27 @@ impl Helper {
     pub async fn hang_up(&mut self) {
         let _ = self.control.shutdown().await;
     }
+}
+
+/// `sendmsg` of `data` with three descriptors attached; answers how many bytes went.
+async fn send_with_fds(
+    control: &OwnedWriteHalf,
+    data: &[u8],
+    fds: [&OwnedFd; 3],
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+    let stream: &tokio::net::UnixStream = control.as_ref();
+    stream
+        .async_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg::<()>(
+                stream.as_raw_fd(),
+                &[std::io::IoSlice::new(data)],
+                &[ControlMessage::ScmRights(&raw)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        })
+        .await
 }

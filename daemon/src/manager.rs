@@ -1404,8 +1404,39 @@ impl Manager {
         if !stdin {
             drop(helper.stdin.take());
         }
-        self.prepare_exec_slot(id);
         Ok(helper)
+    }
+
+    /// After an exec's exit report: the helper becomes the sandbox's prepared one again when it can run
+    /// another command (nothing of the last one is left in its leaf) and the slot is free; else it goes.
+    pub(crate) fn recycle_helper(self: &Arc<Self>, helper: crate::helper::Helper, entry: &Entry) {
+        let id = lock(&entry.rec).id.clone();
+        if !self.cfg.exec_prepare {
+            helper.reap_later();
+            return;
+        }
+        let m = self.clone();
+        tokio::spawn(async move {
+            let Some(h) = helper.ready_again().await else {
+                return;
+            };
+            let running = match m.entry(&id).await {
+                Ok(e) => e.snapshot().status == SandboxStatus::Running,
+                Err(_) => false,
+            };
+            let spare = {
+                let mut slots = lock(&m.exec_slots);
+                if running && !slots.contains_key(&id) {
+                    slots.insert(id, h);
+                    None
+                } else {
+                    Some(h)
+                }
+            };
+            if let Some(h) = spare {
+                h.reap_later();
+            }
+        });
     }
 
     /// Prepares the sandbox's next exec helper in the background (if it runs and has none).
@@ -1465,7 +1496,9 @@ impl Manager {
             .unwrap_or(self.cfg.exec_max_output_bytes);
         let started = std::time::Instant::now();
         let helper = self.exec_helper(&entry, &spec, req.stdin.is_some()).await?;
-        let out = run_exec_helper(helper, req.stdin.as_deref().map(str::as_bytes), cap).await?;
+        let (out, helper) =
+            run_exec_helper(helper, req.stdin.as_deref().map(str::as_bytes), cap).await?;
+        self.recycle_helper(helper, &entry);
         let mut result = ExecResult::from_bytes(&out.stdout, &out.stderr);
         result.stdout_truncated = out.stdout_truncated;
         result.stderr_truncated = out.stderr_truncated;
@@ -1879,7 +1912,7 @@ async fn run_exec_helper(
     mut helper: crate::helper::Helper,
     stdin: Option<&[u8]>,
     cap: u64,
-) -> Result<ExecOutput, ApiError> {
+) -> Result<(ExecOutput, crate::helper::Helper), ApiError> {
     let out = Arc::new(StdMutex::new(Capped::default()));
     let err = Arc::new(StdMutex::new(Capped::default()));
     let (Some(so), Some(se)) = (helper.stdout.take(), helper.stderr.take()) else {
@@ -1900,7 +1933,6 @@ async fn run_exec_helper(
             break;
         }
     }
-    helper.reap_later();
     let event = last.unwrap_or(ExecEvent::Failed {
         message: "the exec helper ended without a result".into(),
     });
@@ -1935,13 +1967,16 @@ async fn run_exec_helper(
         let mut c = lock(&err);
         (std::mem::take(&mut c.data), c.truncated)
     };
-    Ok(ExecOutput {
-        event,
-        stdout,
-        stderr,
-        stdout_truncated,
-        stderr_truncated,
-    })
+    Ok((
+        ExecOutput {
+            event,
+            stdout,
+            stderr,
+            stdout_truncated,
+            stderr_truncated,
+        },
+        helper,
+    ))
 }
 
 /// A tiny error type for start-up (the binary turns it into `anyhow`).

@@ -19,7 +19,7 @@
 //! runs kills the command's tree: nobody is left to read its output.
 
 use std::io::Write;
-use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -82,31 +82,82 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    send(&mut ctl, &ExecEvent::Prepared);
-    let run_spec = match wait_for_command(&mut ctl, &mut control, &prepared) {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            prepared.leave();
-            return 0;
-        }
+    // The first command's stdio is the helper's own 0/1/2; later ones come with their command line.
+    let mut own_stdio = match Stdio3::own(&prepared.devnull) {
+        Ok(s) => Some(s),
         Err(message) => {
             send(&mut ctl, &ExecEvent::Failed { message });
             prepared.leave();
             return 1;
         }
     };
-    let code = match run(&prepared, &run_spec, &mut ctl, &mut control) {
-        Ok(ev) => {
-            send(&mut ctl, &ev);
-            0
+    loop {
+        send(&mut ctl, &ExecEvent::Prepared);
+        let run_spec = match wait_for_command(&mut ctl, &mut control, &prepared) {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(message) => {
+                send(&mut ctl, &ExecEvent::Failed { message });
+                break;
+            }
+        };
+        let stdio = if run_spec.stdio_attached {
+            control.take_stdio()
+        } else {
+            own_stdio.take()
+        };
+        let Some(stdio) = stdio else {
+            send(
+                &mut ctl,
+                &ExecEvent::Failed {
+                    message: "no stdin/stdout/stderr for the command".into(),
+                },
+            );
+            break;
+        };
+        match run(&prepared, &run_spec, stdio, &mut ctl, &mut control) {
+            Ok(ev) => send(&mut ctl, &ev),
+            Err(message) => {
+                send(&mut ctl, &ExecEvent::Failed { message });
+                break;
+            }
         }
-        Err(message) => {
-            send(&mut ctl, &ExecEvent::Failed { message });
-            1
+        // Ready for another command if this one left nothing behind in the leaf (and the daemon is
+        // still there): the daemon keeps it as the sandbox's prepared helper.
+        if control.closed || !leaf_holds_only_me(&prepared.leaf) {
+            break;
         }
-    };
+    }
     prepared.leave();
-    code
+    0
+}
+
+/// The command's stdin, stdout and stderr.
+struct Stdio3 {
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+impl Stdio3 {
+    /// The helper's own 0/1/2 (given by the daemon at start), moved out; /dev/null takes their place.
+    fn own(devnull: &OwnedFd) -> Result<Self, String> {
+        let dup = |fd: BorrowedFd<'_>| {
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))
+                // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+                .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) })
+                .map_err(|e| format!("dup: {e}"))
+        };
+        let out = Self {
+            stdin: dup(std::io::stdin().as_fd())?,
+            stdout: dup(std::io::stdout().as_fd())?,
+            stderr: dup(std::io::stderr().as_fd())?,
+        };
+        let _ = nix::unistd::dup2_stdin(devnull);
+        let _ = nix::unistd::dup2_stdout(devnull);
+        let _ = nix::unistd::dup2_stderr(devnull);
+        Ok(out)
+    }
 }
 
 struct Leaf {
@@ -204,6 +255,14 @@ fn kill_leaf(leaf: &Leaf) {
     }
 }
 
+/// True when no process but the helper is in the leaf (in every hierarchy).
+fn leaf_holds_only_me(leaf: &Leaf) -> bool {
+    let me = std::process::id() as i32;
+    leaf.dirs
+        .iter()
+        .all(|d| leaf_pids(d.as_fd()).into_iter().all(|p| p == me))
+}
+
 fn remove_leaf_if_empty(leaf: &Leaf) {
     for (d, p) in leaf.dirs.iter().zip(&leaf.parents) {
         if leaf_pids(d.as_fd()).is_empty() {
@@ -266,9 +325,57 @@ fn attach_tty(slave: BorrowedFd<'_>) -> Result<(), nix::errno::Errno> {
 struct Control {
     buf: Vec<u8>,
     closed: bool,
+    /// Descriptors received with the lines (SCM_RIGHTS), oldest first.
+    fds: std::collections::VecDeque<OwnedFd>,
 }
 
 impl Control {
+    /// One `recvmsg`: bytes into the buffer, descriptors into `fds`. Answers the bytes read (0 at the end).
+    fn recv(&mut self, ctl: &UnixStream) -> std::io::Result<usize> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        let mut chunk = [0u8; 4096];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 3]);
+        let (n, received) = {
+            let mut iov = [std::io::IoSliceMut::new(&mut chunk)];
+            let msg = recvmsg::<()>(
+                ctl.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            let mut received = Vec::new();
+            for c in msg.cmsgs().map_err(std::io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(fds) = c {
+                    received.extend(fds);
+                }
+            }
+            (msg.bytes, received)
+        };
+        for raw in received {
+            // SAFETY: SCM_RIGHTS installed these descriptors in this process just now; nothing else owns
+            // them.
+            self.fds.push_back(unsafe { OwnedFd::from_raw_fd(raw) });
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// The three descriptors that came with a command line.
+    fn take_stdio(&mut self) -> Option<Stdio3> {
+        if self.fds.len() < 3 {
+            return None;
+        }
+        let stdin = self.fds.pop_front()?;
+        let stdout = self.fds.pop_front()?;
+        let stderr = self.fds.pop_front()?;
+        Some(Stdio3 {
+            stdin,
+            stdout,
+            stderr,
+        })
+    }
+
     fn take_line(&mut self) -> Option<Vec<u8>> {
         let nl = self.buf.iter().position(|b| *b == b'\n')?;
         Some(self.buf.drain(..=nl).collect())
@@ -276,7 +383,6 @@ impl Control {
 
     /// Blocks until a whole line is there; `None` at end of file.
     fn next_line_blocking(&mut self, ctl: &mut UnixStream) -> Option<Vec<u8>> {
-        let mut chunk = [0u8; 4096];
         loop {
             if let Some(l) = self.take_line() {
                 return Some(l);
@@ -284,9 +390,9 @@ impl Control {
             if self.closed {
                 return None;
             }
-            match std::io::Read::read(ctl, &mut chunk) {
+            match self.recv(ctl) {
                 Ok(0) => self.closed = true,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(_) => self.closed = true,
             }
@@ -295,14 +401,13 @@ impl Control {
 
     /// Reads what is available (the socket is non-blocking) without waiting.
     fn fill(&mut self, ctl: &mut UnixStream) {
-        let mut chunk = [0u8; 4096];
         loop {
-            match std::io::Read::read(ctl, &mut chunk) {
+            match self.recv(ctl) {
                 Ok(0) => {
                     self.closed = true;
                     break;
                 }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(_) => {
@@ -470,6 +575,7 @@ impl Relay {
 fn run(
     prepared: &Prepared,
     spec: &ExecRun,
+    stdio: Stdio3,
     ctl: &mut UnixStream,
     control: &mut Control,
 ) -> Result<ExecEvent, String> {
@@ -487,6 +593,11 @@ fn run(
                 if attach_tty(slave.as_fd()).is_err() {
                     crate::sys::exit_now(126);
                 }
+            } else if nix::unistd::dup2_stdin(&stdio.stdin).is_err()
+                || nix::unistd::dup2_stdout(&stdio.stdout).is_err()
+                || nix::unistd::dup2_stderr(&stdio.stderr).is_err()
+            {
+                crate::sys::exit_now(126);
             }
             crate::process::exec_user_process(
                 &spec.process,
@@ -500,20 +611,27 @@ fn run(
 
     // Our stdio: with a TTY it is relayed (stdin -> master, master -> stdout); without, the command
     // has its own copies and ours go.
+    // With a TTY the helper relays between the command's stdio and the terminal's master; without, the
+    // command has its own copies and ours go (so that end-of-file reaches the daemon when it ends).
+    let Stdio3 {
+        stdin: io_in,
+        stdout: io_out,
+        stderr: io_err,
+    } = stdio;
+    drop(io_err);
     let (stdin, stdout) = match &mut pty {
         Some(p) => {
             drop(p.slave.take());
-            let i = nix::unistd::dup(std::io::stdin().as_fd()).map_err(|e| format!("dup: {e}"))?;
-            let o = nix::unistd::dup(std::io::stdout().as_fd()).map_err(|e| format!("dup: {e}"))?;
-            set_nonblocking(i.as_fd());
-            set_nonblocking(o.as_fd());
-            (Some(i), Some(o))
+            set_nonblocking(io_in.as_fd());
+            set_nonblocking(io_out.as_fd());
+            (Some(io_in), Some(io_out))
         }
-        None => (None, None),
+        None => {
+            drop(io_in);
+            drop(io_out);
+            (None, None)
+        }
     };
-    let _ = nix::unistd::dup2_stdin(&prepared.devnull);
-    let _ = nix::unistd::dup2_stdout(&prepared.devnull);
-    let _ = nix::unistd::dup2_stderr(&prepared.devnull);
     let _ = ctl.set_nonblocking(true);
 
     let deadline = spec

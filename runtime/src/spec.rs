@@ -160,6 +160,7 @@ impl ExecSpec {
             process: self.process.clone(),
             timeout_seconds: self.timeout_seconds,
             tty: self.tty,
+            stdio_attached: false,
         }
     }
 }
@@ -188,6 +189,10 @@ pub struct ExecRun {
     /// Run on a pseudo-terminal.
     #[serde(default)]
     pub tty: Option<TtySize>,
+    /// The command's stdin, stdout and stderr come with this line (SCM_RIGHTS, in that order) instead of
+    /// being the helper's own: a helper reused after an earlier command.
+    #[serde(default)]
+    pub stdio_attached: bool,
 }
 
 /// Columns and rows of a terminal.
