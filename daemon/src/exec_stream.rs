@@ -278,6 +278,8 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
             helper.hang_up().await;
         }
     };
+    // The helper can take the next exec now (this one's pipes are ours).
+    m.recycle_helper(helper, &entry, exited.as_ref());
     // Output still in the pipes (or from processes the command left behind) is passed on while it keeps
     // coming, within a bound.
     let hard = Instant::now() + DRAIN_MAX;
@@ -296,17 +298,13 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
         }
     }
     reader.abort();
-    if matches!(exited, Some(ExecEvent::Exited { .. })) {
-        m.recycle_helper(helper, &entry);
-    } else {
-        helper.reap_later();
-    }
     let last = match exited {
         Some(ExecEvent::Exited {
             code,
             signal,
             timed_out,
             cancelled,
+            ..
         }) => stream::encode_json(
             Kind::Exit,
             &ExecExit {

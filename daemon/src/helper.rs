@@ -153,23 +153,6 @@ impl Helper {
         Ok(())
     }
 
-    /// After a command's exit report: the helper says `Prepared` again when it can run another (its
-    /// leaf is empty), or ends. Answers the helper in the first case; reaps it otherwise.
-    pub async fn ready_again(mut self) -> Option<Self> {
-        self.stdin = None;
-        self.stdout = None;
-        self.stderr = None;
-        let next =
-            tokio::time::timeout(std::time::Duration::from_secs(10), self.events.next_line()).await;
-        let prepared = matches!(&next, Ok(Ok(Some(l)))
-            if serde_json::from_str::<ExecEvent>(l).ok() == Some(ExecEvent::Prepared));
-        if prepared {
-            return Some(self);
-        }
-        self.reap_later();
-        None
-    }
-
     /// Whether the helper process still runs (a prepared one leaves when its sandbox ends).
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -1391,14 +1391,19 @@ impl Manager {
             lock(&self.exec_slots)
                 .remove(id)
                 .and_then(|mut h| if h.alive() { Some(h) } else { None });
-        let mut helper = match warm {
-            Some(mut h) => {
-                if !stdin {
-                    drop(h.stdin.take());
+        let warm = match warm {
+            Some(mut h) => match h.start(&spec.run()).await {
+                Ok(()) => Some(h),
+                // It went away between the check and the command: start a fresh one.
+                Err(_) => {
+                    h.reap_later();
+                    None
                 }
-                h.start(&spec.run()).await?;
-                h
-            }
+            },
+            None => None,
+        };
+        let mut helper = match warm {
+            Some(h) => h,
             None => crate::helper::Helper::spawn(&self.exe, spec, stdin).await?,
         };
         if !stdin {
@@ -1407,36 +1412,39 @@ impl Manager {
         Ok(helper)
     }
 
-    /// After an exec's exit report: the helper becomes the sandbox's prepared one again when it can run
-    /// another command (nothing of the last one is left in its leaf) and the slot is free; else it goes.
-    pub(crate) fn recycle_helper(self: &Arc<Self>, helper: crate::helper::Helper, entry: &Entry) {
-        let id = lock(&entry.rec).id.clone();
-        if !self.cfg.exec_prepare {
+    /// After an exec's exit report: the helper becomes the sandbox's prepared one again at once when it
+    /// can run another command (it says so: nothing of the last one is left in its leaf) and the slot is
+    /// free; else it is dismissed.
+    pub(crate) fn recycle_helper(
+        &self,
+        mut helper: crate::helper::Helper,
+        entry: &Entry,
+        event: Option<&ExecEvent>,
+    ) {
+        let reusable = matches!(event, Some(ExecEvent::Exited { reusable: true, .. }));
+        let (id, running) = {
+            let rec = lock(&entry.rec);
+            (rec.id.clone(), rec.status == SandboxStatus::Running)
+        };
+        if !self.cfg.exec_prepare || !reusable || !running {
             helper.reap_later();
             return;
         }
-        let m = self.clone();
-        tokio::spawn(async move {
-            let Some(h) = helper.ready_again().await else {
-                return;
-            };
-            let running = match m.entry(&id).await {
-                Ok(e) => e.snapshot().status == SandboxStatus::Running,
-                Err(_) => false,
-            };
-            let spare = {
-                let mut slots = lock(&m.exec_slots);
-                if running && !slots.contains_key(&id) {
-                    slots.insert(id, h);
-                    None
-                } else {
-                    Some(h)
-                }
-            };
-            if let Some(h) = spare {
-                h.reap_later();
+        helper.stdin = None;
+        helper.stdout = None;
+        helper.stderr = None;
+        let spare = {
+            let mut slots = lock(&self.exec_slots);
+            if slots.contains_key(&id) {
+                Some(helper)
+            } else {
+                slots.insert(id, helper);
+                None
             }
-        });
+        };
+        if let Some(h) = spare {
+            h.reap_later();
+        }
     }
 
     /// Prepares the sandbox's next exec helper in the background (if it runs and has none).
@@ -1496,9 +1504,14 @@ impl Manager {
             .unwrap_or(self.cfg.exec_max_output_bytes);
         let started = std::time::Instant::now();
         let helper = self.exec_helper(&entry, &spec, req.stdin.is_some()).await?;
-        let (out, helper) =
-            run_exec_helper(helper, req.stdin.as_deref().map(str::as_bytes), cap).await?;
-        self.recycle_helper(helper, &entry);
+        let out = run_exec_helper(
+            self,
+            &entry,
+            helper,
+            req.stdin.as_deref().map(str::as_bytes),
+            cap,
+        )
+        .await?;
         let mut result = ExecResult::from_bytes(&out.stdout, &out.stderr);
         result.stdout_truncated = out.stdout_truncated;
         result.stderr_truncated = out.stderr_truncated;
@@ -1909,10 +1922,12 @@ async fn collect(mut r: impl AsyncRead + Unpin, cap: u64, into: Arc<StdMutex<Cap
 
 /// Starts `sandboxd exec-helper` with its control socket on fd 3 and collects the result.
 async fn run_exec_helper(
+    m: &Manager,
+    entry: &Entry,
     mut helper: crate::helper::Helper,
     stdin: Option<&[u8]>,
     cap: u64,
-) -> Result<(ExecOutput, crate::helper::Helper), ApiError> {
+) -> Result<ExecOutput, ApiError> {
     let out = Arc::new(StdMutex::new(Capped::default()));
     let err = Arc::new(StdMutex::new(Capped::default()));
     let (Some(so), Some(se)) = (helper.stdout.take(), helper.stderr.take()) else {
@@ -1933,6 +1948,8 @@ async fn run_exec_helper(
             break;
         }
     }
+    // The helper can take the next exec while this one's output is still drained (its pipes are ours).
+    m.recycle_helper(helper, entry, last.as_ref());
     let event = last.unwrap_or(ExecEvent::Failed {
         message: "the exec helper ended without a result".into(),
     });
@@ -1967,16 +1984,13 @@ async fn run_exec_helper(
         let mut c = lock(&err);
         (std::mem::take(&mut c.data), c.truncated)
     };
-    Ok((
-        ExecOutput {
-            event,
-            stdout,
-            stderr,
-            stdout_truncated,
-            stderr_truncated,
-        },
-        helper,
-    ))
+    Ok(ExecOutput {
+        event,
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+    })
 }
 
 /// A tiny error type for start-up (the binary turns it into `anyhow`).

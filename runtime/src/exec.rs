@@ -116,16 +116,18 @@ pub fn main() -> i32 {
             break;
         };
         match run(&prepared, &run_spec, stdio, &mut ctl, &mut control) {
-            Ok(ev) => send(&mut ctl, &ev),
+            Ok(ev) => {
+                send(&mut ctl, &ev);
+                // Ready for another command if this one left nothing behind in the leaf (and the
+                // daemon is still there): the daemon keeps it as the sandbox's prepared helper.
+                if !matches!(ev, ExecEvent::Exited { reusable: true, .. }) {
+                    break;
+                }
+            }
             Err(message) => {
                 send(&mut ctl, &ExecEvent::Failed { message });
                 break;
             }
-        }
-        // Ready for another command if this one left nothing behind in the leaf (and the daemon is
-        // still there): the daemon keeps it as the sandbox's prepared helper.
-        if control.closed || !leaf_holds_only_me(&prepared.leaf) {
-            break;
         }
     }
     prepared.leave();
@@ -780,5 +782,6 @@ fn run(
         signal,
         timed_out,
         cancelled,
+        reusable: !control.closed && leaf_holds_only_me(leaf),
     })
 }

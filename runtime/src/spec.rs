@@ -247,6 +247,10 @@ pub enum ExecEvent {
         /// Killed by a cancel (or because the daemon went away).
         #[serde(default)]
         cancelled: bool,
+        /// Nothing of the command is left in the helper's leaf cgroup: the helper waits for another
+        /// command (with its stdio attached), else it leaves and exits.
+        #[serde(default)]
+        reusable: bool,
     },
     /// The exec could not be started.
     Failed {
