@@ -1433,12 +1433,10 @@ impl Manager {
         helper.stdin = None;
         helper.stdout = None;
         helper.stderr = None;
-        let spare = {
-            let mut slots = lock(&self.exec_slots);
-            if slots.contains_key(&id) {
-                Some(helper)
-            } else {
-                slots.insert(id, helper);
+        let spare = match lock(&self.exec_slots).entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => Some(helper),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(helper);
                 None
             }
         };
