@@ -138,6 +138,9 @@ fn tty_mode_has_a_terminal_that_resizes() {
     d.import_busybox();
     let c = d.client();
     let sb = create_idle(&c, "st-tty");
+    // An exec first: the terminal below then runs on a helper that served a command already (its
+    // stdio passed over its socket), the common case.
+    assert_eq!(exec(&c, &sb.id, &["echo", "warm"]).stdout, "warm\n");
     let mut i = init(&["sh"]);
     i.stdin = true;
     i.tty = true;
@@ -300,6 +303,7 @@ fn sandboxctl_exec_it_is_an_interactive_shell() {
     d.import_busybox();
     let c = d.client();
     create_idle(&c, "st-shell");
+    assert_eq!(exec(&c, "st-shell", &["true"]).exit_code, 0);
     let pty = nix::pty::openpty(
         Some(&nix::pty::Winsize {
             ws_row: 25,
