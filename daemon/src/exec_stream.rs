@@ -246,6 +246,7 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
     let (mut out_open, mut err_open) = (true, true);
     let mut client_open = true;
     let mut client_msgs = true;
+    let mut hung_up = false;
     let exited = loop {
         tokio::select! {
             r = out.read(&mut obuf[HEADER_LEN..]), if out_open => {
@@ -273,9 +274,11 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
                 break ev;
             }
         }
-        if !client_open && !client_msgs {
-            // Nobody will read the output: kill the tree (the helper reports the exit next).
+        if !client_open && !hung_up {
+            // The client is gone (it closed, or a write to it failed): nobody will read the output.
+            // Kill the tree; the helper reports the exit next.
             helper.hang_up().await;
+            hung_up = true;
         }
     };
     // The helper can take the next exec now (this one's pipes are ours).

@@ -611,8 +611,6 @@ fn run(
     };
     send(ctl, &ExecEvent::Started { pid: pid.as_raw() });
 
-    // Our stdio: with a TTY it is relayed (stdin -> master, master -> stdout); without, the command
-    // has its own copies and ours go.
     // With a TTY the helper relays between the command's stdio and the terminal's master; without, the
     // command has its own copies and ours go (so that end-of-file reaches the daemon when it ends).
     let Stdio3 {
