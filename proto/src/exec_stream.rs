@@ -287,10 +287,11 @@ pub struct BlockingExecStream {
     done: bool,
 }
 
-/// A writing handle of a [`BlockingExecStream`].
-#[derive(Debug)]
+/// A writing handle of a [`BlockingExecStream`]. Handles of one stream share a lock, so frames sent
+/// from different threads never interleave.
+#[derive(Debug, Clone)]
 pub struct BlockingExecWriter {
-    wr: std::os::unix::net::UnixStream,
+    wr: std::sync::Arc<std::sync::Mutex<std::os::unix::net::UnixStream>>,
 }
 
 impl BlockingClient {
@@ -342,7 +343,9 @@ impl BlockingExecStream {
         wr.write_all(&json_frame(Kind::Init, init)).map_err(io)?;
         let mut stream = Self {
             rd,
-            writer: BlockingExecWriter { wr },
+            writer: BlockingExecWriter {
+                wr: std::sync::Arc::new(std::sync::Mutex::new(wr)),
+            },
             done: false,
         };
         match stream.next()? {
@@ -377,13 +380,7 @@ impl BlockingExecStream {
 
     /// A second handle that writes to this stream (for a stdin thread).
     pub fn writer(&self) -> Result<BlockingExecWriter, ClientError> {
-        Ok(BlockingExecWriter {
-            wr: self
-                .writer
-                .wr
-                .try_clone()
-                .map_err(|e| protocol(format!("exec stream: {e}")))?,
-        })
+        Ok(self.writer.clone())
     }
 
     /// Writes to the command's stdin.
@@ -403,17 +400,22 @@ impl BlockingExecStream {
 }
 
 impl BlockingExecWriter {
-    fn send(&mut self, frame: &[u8]) -> Result<(), ClientError> {
-        self.wr
-            .write_all(frame)
+    /// Writes one frame (header and payload) while holding the stream's write lock.
+    fn send_parts(&mut self, header: &[u8], payload: &[u8]) -> Result<(), ClientError> {
+        let mut wr = self.wr.lock().unwrap_or_else(|p| p.into_inner());
+        wr.write_all(header)
+            .and_then(|()| wr.write_all(payload))
             .map_err(|e| protocol(format!("exec stream: {e}")))
+    }
+
+    fn send(&mut self, frame: &[u8]) -> Result<(), ClientError> {
+        self.send_parts(frame, &[])
     }
 
     /// Writes to the command's stdin.
     pub fn write_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(MAX_FRAME) {
-            self.send(&stream::header(Kind::Stdin, chunk.len()))?;
-            self.send(chunk)?;
+            self.send_parts(&stream::header(Kind::Stdin, chunk.len()), chunk)?;
         }
         Ok(())
     }

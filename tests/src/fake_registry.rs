@@ -1467,15 +1467,51 @@ mod tests {
     #[test]
     fn drop_stops_the_server_and_closes_connections() {
         let reg = FakeRegistry::start();
-        let addr = reg.addr();
+        let port: u16 = reg
+            .addr()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
         let mut idle = Client::connect(&reg);
         assert_eq!(idle.request("GET", "/v2/", &[]).status, 200);
+        // While it runs, its listener is found (the check below can fail).
+        assert_eq!(our_listeners(port).len(), 1);
         drop(reg);
         assert!(idle.at_eof(), "the open keep-alive connection was closed");
+        // Nothing of this process listens there any more. (A connect could reach another process that
+        // took the port since, so look at our own sockets instead.)
         assert!(
-            TcpStream::connect(&addr).is_err(),
-            "nothing listens any more"
+            our_listeners(port).is_empty(),
+            "still listening on port {port}"
         );
+    }
+
+    /// Inodes of this process's TCP sockets listening on `port`.
+    fn our_listeners(port: u16) -> Vec<String> {
+        let listening: HashSet<String> = std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+                (local_port == port && *f.get(3)? == "0A")
+                    .then(|| f.get(9).map(|s| s.to_string()))?
+            })
+            .collect();
+        std::fs::read_dir("/proc/self/fd")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .filter_map(|t| {
+                        let t = t.to_string_lossy().to_string();
+                        let inode = t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned();
+                        listening.contains(&inode).then_some(inode)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// A real client: curl reuses the connection for several URLs, follows the basic-auth flow, and

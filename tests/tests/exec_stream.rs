@@ -385,7 +385,9 @@ fn sandboxctl_exec_it_is_an_interactive_shell() {
             if text.contains(&old) {
                 break;
             }
-            let n = master.read(&mut buf).expect("read pty");
+            let n = master
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("read pty: {e}; seen: {text}"));
             assert!(n > 0, "pty closed: {text}");
             seen.extend_from_slice(&buf[..n]);
         }
