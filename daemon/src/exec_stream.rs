@@ -95,6 +95,9 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(
 /// The client's side of a stream, as the pump sees it.
 enum FromClient {
     Control(ExecControl),
+    /// The client broke the protocol (a frame of an unknown kind, too large, or one only the daemon
+    /// sends): the exec is cancelled and the client told why.
+    Bad(ApiError),
     /// The client closed the connection or sent garbage.
     Gone,
 }
@@ -192,6 +195,11 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
         loop {
             let frame = match read_frame(&mut rd).await {
                 Ok(Some(f)) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    let bad = ApiError::new(ErrorCode::InvalidRequest, format!("bad frame: {e}"));
+                    let _ = tx.send(FromClient::Bad(bad)).await;
+                    return;
+                }
                 Ok(None) | Err(_) => {
                     let _ = tx.send(FromClient::Gone).await;
                     return;
@@ -226,8 +234,12 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
                 },
                 (Kind::Cancel, _) => ExecControl::Cancel,
                 // Frames only the daemon sends, or a second Init: a confused client.
-                _ => {
-                    let _ = tx.send(FromClient::Gone).await;
+                (k, _) => {
+                    let bad = ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        format!("a client may not send a {k:?} frame here"),
+                    );
+                    let _ = tx.send(FromClient::Bad(bad)).await;
                     return;
                 }
             };
@@ -264,6 +276,15 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
             msg = rx.recv(), if client_msgs => {
                 match msg {
                     Some(FromClient::Control(c)) => helper.control(c).await,
+                    Some(FromClient::Bad(e)) => {
+                        // Tell the client, then end as if it had gone.
+                        if client_open {
+                            let _ = wr.write_all(&stream::encode_json(Kind::Error, &e)).await;
+                            let _ = wr.shutdown().await;
+                        }
+                        client_msgs = false;
+                        client_open = false;
+                    }
                     Some(FromClient::Gone) | None => {
                         client_msgs = false;
                         client_open = false;

@@ -452,3 +452,58 @@ fn floods_in_and_out_keep_the_daemon_bounded() {
         "daemon peak memory grew by {growth} KiB"
     );
 }
+
+/// A client that breaks the protocol after the start gets an `Error` frame (INVALID_REQUEST), and its
+/// command is cancelled.
+#[test]
+fn a_broken_frame_gets_a_clear_error_and_cancels() {
+    use sandbox_tests::sandbox_proto::stream::{self as frames, Kind, HEADER_LEN};
+    use std::io::BufRead;
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let sb = create_idle(&c, "st-garbage");
+    let sock = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect");
+    let mut w = sock.try_clone().expect("clone");
+    let mut r = std::io::BufReader::new(sock);
+    write!(
+        w,
+        "POST /v1/sandboxes/{}/exec/stream HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: {}\r\nContent-Length: 0\r\n\r\n",
+        sb.id,
+        frames::UPGRADE_TOKEN
+    )
+    .expect("request");
+    let mut line = String::new();
+    r.read_line(&mut line).expect("status");
+    assert!(line.starts_with("HTTP/1.1 101"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).expect("head");
+    }
+    let next = |r: &mut std::io::BufReader<std::os::unix::net::UnixStream>| {
+        let mut h = [0u8; HEADER_LEN];
+        r.read_exact(&mut h).expect("frame header");
+        let (kind, len) = frames::parse_header(&h).expect("valid header");
+        let mut p = vec![0u8; len];
+        r.read_exact(&mut p).expect("payload");
+        (kind, p)
+    };
+    w.write_all(&frames::encode_json(Kind::Init, &init(&["sleep", "1004"])))
+        .expect("init");
+    assert_eq!(next(&mut r).0, Kind::Ready);
+    w.write_all(&[99, 0, 0, 0, 0]).expect("garbage");
+    let (kind, payload) = next(&mut r);
+    assert_eq!(kind, Kind::Error);
+    let err: sandbox_tests::sandbox_proto::ApiError =
+        serde_json::from_slice(&payload).expect("error json");
+    assert_eq!(err.code, ErrorCode::InvalidRequest);
+    assert!(err.message.contains("frame"), "{}", err.message);
+    // The command is gone (the probe loops until it is, bounded by its own timeout).
+    let mut probe = sandbox_tests::exec_req(&[
+        "sh",
+        "-c",
+        "while ps -o args | grep -q '^sleep 1004'; do :; done; echo gone",
+    ]);
+    probe.timeout_seconds = Some(60.0);
+    assert_eq!(c.exec(&sb.id, &probe).expect("probe").stdout, "gone\n");
+}
