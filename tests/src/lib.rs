@@ -90,6 +90,48 @@ pub fn build_busybox_image(outdir: &Path, tar: Option<&Path>) {
     );
 }
 
+/// Copies the busybox image to `dir` (an OCI layout) with one more layer holding symlinks,
+/// `(path, target)` each: the hostile-image tests' way to plant links where the runtime works.
+pub fn busybox_with_symlinks(dir: &Path, links: &[(&str, &str)]) {
+    let script = r#"
+set -euo pipefail
+src=$1; dst=$2; shift 2
+cp -r "$src" "$dst"
+work=$(mktemp -d)
+mkdir "$work/root"
+while [ $# -gt 0 ]; do
+  mkdir -p "$work/root/$(dirname "$1")"
+  ln -s "$2" "$work/root/$1"
+  shift 2
+done
+tar --numeric-owner --owner=0 --group=0 -C "$work/root" -cf "$work/layer.tar" .
+layer=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
+cp "$work/layer.tar" "$dst/blobs/sha256/$layer"
+lsize=$(stat -c %s "$work/layer.tar")
+m=$(jq -r '.manifests[0].digest' "$dst/index.json" | cut -d: -f2)
+c=$(jq -r '.config.digest' "$dst/blobs/sha256/$m" | cut -d: -f2)
+jq -c --arg d "sha256:$layer" '.rootfs.diff_ids += [$d]' "$dst/blobs/sha256/$c" > "$work/config.json"
+cd_=$(sha256sum "$work/config.json" | cut -d' ' -f1); csize=$(stat -c %s "$work/config.json")
+cp "$work/config.json" "$dst/blobs/sha256/$cd_"
+jq -c --arg c "sha256:$cd_" --argjson cs "$csize" --arg l "sha256:$layer" --argjson ls "$lsize" \
+  '.config.digest=$c | .config.size=$cs | .layers += [{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":$l,"size":$ls}]' \
+  "$dst/blobs/sha256/$m" > "$work/manifest.json"
+md=$(sha256sum "$work/manifest.json" | cut -d' ' -f1); msize=$(stat -c %s "$work/manifest.json")
+cp "$work/manifest.json" "$dst/blobs/sha256/$md"
+jq -c --arg d "sha256:$md" --argjson s "$msize" '.manifests[0].digest=$d | .manifests[0].size=$s' "$dst/index.json" > "$work/index.json"
+cp "$work/index.json" "$dst/index.json"
+rm -rf "$work"
+"#;
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", script, "build"])
+        .arg(busybox_image())
+        .arg(dir);
+    for (p, t) in links {
+        cmd.args([p.trim_start_matches('/'), t]);
+    }
+    assert!(cmd.status().expect("bash").success(), "building the image");
+}
+
 fn manifest_digest(layout: &Path) -> Option<String> {
     let index: serde_json::Value =
         serde_json::from_slice(&fs::read(layout.join("index.json")).ok()?).ok()?;

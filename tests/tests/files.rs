@@ -731,47 +731,6 @@ fn bad_mounted_files_and_volumes_are_refused_and_leave_nothing() {
     d.assert_only_sandboxes(&[]);
 }
 
-/// Layers of symlinks on top of busybox, `(path, target)` each.
-fn image_with_symlinks(dir: &Path, links: &[(&str, &str)]) {
-    let script = r#"
-set -euo pipefail
-src=$1; dst=$2; shift 2
-cp -r "$src" "$dst"
-work=$(mktemp -d)
-mkdir "$work/root"
-while [ $# -gt 0 ]; do
-  mkdir -p "$work/root/$(dirname "$1")"
-  ln -s "$2" "$work/root/$1"
-  shift 2
-done
-tar --numeric-owner --owner=0 --group=0 -C "$work/root" -cf "$work/layer.tar" .
-layer=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-cp "$work/layer.tar" "$dst/blobs/sha256/$layer"
-lsize=$(stat -c %s "$work/layer.tar")
-m=$(jq -r '.manifests[0].digest' "$dst/index.json" | cut -d: -f2)
-c=$(jq -r '.config.digest' "$dst/blobs/sha256/$m" | cut -d: -f2)
-jq -c --arg d "sha256:$layer" '.rootfs.diff_ids += [$d]' "$dst/blobs/sha256/$c" > "$work/config.json"
-cd_=$(sha256sum "$work/config.json" | cut -d' ' -f1); csize=$(stat -c %s "$work/config.json")
-cp "$work/config.json" "$dst/blobs/sha256/$cd_"
-jq -c --arg c "sha256:$cd_" --argjson cs "$csize" --arg l "sha256:$layer" --argjson ls "$lsize" \
-  '.config.digest=$c | .config.size=$cs | .layers += [{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":$l,"size":$ls}]' \
-  "$dst/blobs/sha256/$m" > "$work/manifest.json"
-md=$(sha256sum "$work/manifest.json" | cut -d' ' -f1); msize=$(stat -c %s "$work/manifest.json")
-cp "$work/manifest.json" "$dst/blobs/sha256/$md"
-jq -c --arg d "sha256:$md" --argjson s "$msize" '.manifests[0].digest=$d | .manifests[0].size=$s' "$dst/index.json" > "$work/index.json"
-cp "$work/index.json" "$dst/index.json"
-rm -rf "$work"
-"#;
-    let mut cmd = Command::new("bash");
-    cmd.args(["-c", script, "build"])
-        .arg(sandbox_tests::busybox_image())
-        .arg(dir);
-    for (p, t) in links {
-        cmd.args([p.trim_start_matches('/'), t]);
-    }
-    assert!(cmd.status().expect("bash").success(), "building the image");
-}
-
 /// An image's symlinks at (or above) mount paths never steer a mount onto the host.
 #[test]
 fn image_symlinks_cannot_redirect_mounts_to_the_host() {
@@ -785,7 +744,7 @@ fn image_symlinks_cannot_redirect_mounts_to_the_host() {
     let h = host.path().display().to_string();
     let tmp = tempfile::tempdir().expect("tempdir");
     let img = tmp.path().join("img");
-    image_with_symlinks(
+    sandbox_tests::busybox_with_symlinks(
         &img,
         &[
             ("/etc/app.conf", &format!("{h}/marker")),

@@ -256,40 +256,10 @@ fn init_reaps_orphans() {
 /// Adds a layer of symlinks that point through the host root still attached during setup
 /// (`/.sandboxd-oldroot`) at the mount points the init sets up, on top of the busybox image.
 fn hostile_symlink_image(dir: &Path, proc_target: &str, hosts_target: &str) {
-    let script = r#"
-set -euo pipefail
-src=$1; dst=$2; proc_target=$3; hosts_target=$4
-cp -r "$src" "$dst"
-work=$(mktemp -d)
-mkdir "$work/etc"
-ln -s "$proc_target" "$work/proc"
-ln -s "$hosts_target" "$work/etc/hosts"
-tar --numeric-owner --owner=0 --group=0 -C "$work" -cf "$work/layer.tar" proc etc
-layer=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-cp "$work/layer.tar" "$dst/blobs/sha256/$layer"
-lsize=$(stat -c %s "$work/layer.tar")
-m=$(jq -r '.manifests[0].digest' "$dst/index.json" | cut -d: -f2)
-c=$(jq -r '.config.digest' "$dst/blobs/sha256/$m" | cut -d: -f2)
-jq -c --arg d "sha256:$layer" '.rootfs.diff_ids += [$d]' "$dst/blobs/sha256/$c" > "$work/config.json"
-cd_=$(sha256sum "$work/config.json" | cut -d' ' -f1); csize=$(stat -c %s "$work/config.json")
-cp "$work/config.json" "$dst/blobs/sha256/$cd_"
-jq -c --arg c "sha256:$cd_" --argjson cs "$csize" --arg l "sha256:$layer" --argjson ls "$lsize" \
-  '.config.digest=$c | .config.size=$cs | .layers += [{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":$l,"size":$ls}]' \
-  "$dst/blobs/sha256/$m" > "$work/manifest.json"
-md=$(sha256sum "$work/manifest.json" | cut -d' ' -f1); msize=$(stat -c %s "$work/manifest.json")
-cp "$work/manifest.json" "$dst/blobs/sha256/$md"
-jq -c --arg d "sha256:$md" --argjson s "$msize" '.manifests[0].digest=$d | .manifests[0].size=$s' "$dst/index.json" > "$work/index.json"
-cp "$work/index.json" "$dst/index.json"
-rm -rf "$work"
-"#;
-    let st = std::process::Command::new("bash")
-        .args(["-c", script, "build"])
-        .arg(sandbox_tests::busybox_image())
-        .arg(dir)
-        .args([proc_target, hosts_target])
-        .status()
-        .expect("bash");
-    assert!(st.success(), "building the hostile image");
+    sandbox_tests::busybox_with_symlinks(
+        dir,
+        &[("proc", proc_target), ("etc/hosts", hosts_target)],
+    );
 }
 
 /// An image's symlinks must never steer the init's setup out of the sandbox: `/proc` and `/etc/hosts`
