@@ -94,7 +94,9 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<(
 
 /// The client's side of a stream, as the pump sees it.
 enum FromClient {
-    Control(ExecControl),
+    /// Acknowledged once written to the helper: the reader waits, so stdin the client sent after a
+    /// control frame reaches the helper after it (resize, then type).
+    Control(ExecControl, tokio::sync::oneshot::Sender<()>),
     /// The client broke the protocol (a frame of an unknown kind, too large, or one only the daemon
     /// sends): the exec is cancelled and the client told why.
     Bad(ApiError),
@@ -243,7 +245,8 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
                     return;
                 }
             };
-            if tx.send(FromClient::Control(msg)).await.is_err() {
+            let (ack, written) = tokio::sync::oneshot::channel();
+            if tx.send(FromClient::Control(msg, ack)).await.is_err() || written.await.is_err() {
                 return;
             }
         }
@@ -275,7 +278,10 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
             }
             msg = rx.recv(), if client_msgs => {
                 match msg {
-                    Some(FromClient::Control(c)) => helper.control(c).await,
+                    Some(FromClient::Control(c, ack)) => {
+                        helper.control(c).await;
+                        let _ = ack.send(());
+                    }
                     Some(FromClient::Bad(e)) => {
                         // Tell the client, then end as if it had gone.
                         if client_open {

@@ -700,19 +700,8 @@ fn run(
             None => (false, false),
         };
         drop(fds);
-        if let (Some(p), Some(i), Some(o)) = (&pty, &stdin, &stdout) {
-            if tty_in {
-                input.step(i.as_fd(), p.master.as_fd());
-                if input.eof && !sent_eof && input.pending.is_empty() {
-                    // End of the client's input: the terminal's EOF character, once.
-                    let _ = nix::unistd::write(&p.master, &[4u8]);
-                    sent_eof = true;
-                }
-            }
-            if tty_out {
-                output.step(p.master.as_fd(), o.as_fd());
-            }
-        }
+        // Control messages first: the daemon writes one before it passes on the stdin that followed it,
+        // so a resize (or signal) sent before some input takes effect before that input is relayed.
         if ctl_ready {
             for m in control.read(ctl) {
                 match m {
@@ -734,6 +723,19 @@ fn run(
                 // The daemon (and with it the client) is gone: nothing will read the output.
                 cancelled = true;
                 kill_leaf(leaf);
+            }
+        }
+        if let (Some(p), Some(i), Some(o)) = (&pty, &stdin, &stdout) {
+            if tty_in {
+                input.step(i.as_fd(), p.master.as_fd());
+                if input.eof && !sent_eof && input.pending.is_empty() {
+                    // End of the client's input: the terminal's EOF character, once.
+                    let _ = nix::unistd::write(&p.master, &[4u8]);
+                    sent_eof = true;
+                }
+            }
+            if tty_out {
+                output.step(p.master.as_fd(), o.as_fd());
             }
         }
         if child_done {
