@@ -155,6 +155,7 @@ async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(m: Arc<Manager>, id: St
         Err(e) => return send_error(&mut wr, &e).await,
     };
     let started = Instant::now();
+    let _in_flight = entry.exec_started();
     // With a TTY the helper relays its stdin to the terminal; it must stay open (and quiet) even when the
     // client sends none, or the terminal would read end-of-file at once.
     let mut helper = match m.exec_helper(&entry, &spec, init.stdin || init.tty).await {

@@ -35,6 +35,8 @@ use crate::pull::{Puller, Subscription};
 
 /// How long a supervisor may take to report that its sandbox started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a sandbox's teardown waits for the exit reports of the execs in flight when it ended.
+const EXEC_DRAIN: Duration = Duration::from_secs(2);
 /// After an exec's process exited, how long its output pipes may stay open (held by background
 /// processes it left) before the collected output is returned.
 const OUTPUT_DRAIN: Duration = Duration::from_millis(100);
@@ -138,9 +140,29 @@ pub(crate) struct Entry {
     status: watch::Sender<SandboxStatus>,
     /// Becomes true once the sandbox has been removed.
     removed: watch::Sender<bool>,
+    /// How many execs are between their start and their answer (see [`Entry::exec_started`]).
+    execs: watch::Sender<usize>,
+}
+
+/// Held while an exec runs; the sandbox's teardown waits (bounded) for these to be dropped.
+pub(crate) struct ExecGuard<'a>(&'a watch::Sender<usize>);
+
+impl Drop for ExecGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Entry {
+    /// Marks an exec in flight until the guard is dropped. When the sandbox ends, every command dies with
+    /// its pid namespace and its helper reports at once; the teardown waits for those reports before it
+    /// kills the cgroup (the helpers are in it), so a command that finished just before its sandbox did
+    /// still gets its exit status answered.
+    pub(crate) fn exec_started(&self) -> ExecGuard<'_> {
+        self.execs.send_modify(|n| *n += 1);
+        ExecGuard(&self.execs)
+    }
+
     fn snapshot(&self) -> Record {
         lock(&self.rec).clone()
     }
@@ -785,6 +807,7 @@ impl Manager {
             rec: StdMutex::new(rec.clone()),
             status: tx,
             removed: watch::channel(false).0,
+            execs: watch::channel(0).0,
         });
         map.insert(id, entry.clone());
         Ok((entry, rec))
@@ -1056,6 +1079,10 @@ impl Manager {
             r.set_status(status, Some(reason));
         });
         tracing::info!(id = %rec.id, status = %rec.status, reason = ?rec.status_reason, "sandbox ended");
+        // Execs in flight: their commands died with the pid namespace (or had just finished); their helpers
+        // report now. Bounded: a client that stopped reading a stream's output does not hold this up.
+        let mut execs = entry.execs.subscribe();
+        let _ = tokio::time::timeout(EXEC_DRAIN, execs.wait_for(|n| *n == 0)).await;
         // Every process of the sandbox died with its init (pid namespace); the cgroup only needs removing.
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cg.destroy()).await {
             tracing::warn!(id = %rec.id, "removing the cgroup: {e}");
@@ -1501,6 +1528,7 @@ impl Manager {
             .max_output_bytes
             .unwrap_or(self.cfg.exec_max_output_bytes);
         let started = std::time::Instant::now();
+        let _in_flight = entry.exec_started();
         let helper = self.exec_helper(&entry, &spec, req.stdin.is_some()).await?;
         let out = run_exec_helper(
             self,
@@ -1788,6 +1816,7 @@ impl Manager {
                 rec: StdMutex::new(rec.clone()),
                 status: tx,
                 removed: watch::channel(false).0,
+                execs: watch::channel(0).0,
             });
             self.sandboxes.lock().await.insert(rec.id.clone(), entry);
             if rec.status.is_terminal() {

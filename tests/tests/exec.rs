@@ -248,3 +248,26 @@ fn exec_in_a_finished_sandbox_is_refused() {
         404,
     );
 }
+
+#[test]
+fn an_exec_that_ends_its_sandbox_gets_its_exit_status() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    // The main process ends once /tmp/go exists; the exec creates it and then blocks, so it can only end
+    // by being killed with the sandbox's pid namespace. Its answer is that exit (137, SIGKILL), not an
+    // error: the daemon waits for the reports of execs in flight before it tears the sandbox down.
+    let sb = create(
+        &c,
+        &busybox(Some(&[
+            "sh",
+            "-c",
+            "while [ ! -e /tmp/go ]; do usleep 1000; done; exit 0",
+        ])),
+    );
+    let r = exec(&c, &sb.id, &["sh", "-c", "touch /tmp/go; exec sleep 1000"]);
+    assert_eq!(r.exit_code, 137, "{r:?}");
+    assert_eq!(r.signal, Some(9), "{r:?}");
+    let done = wait_exited(&c, &sb.id);
+    assert_eq!(done.status, SandboxStatus::Completed);
+}

@@ -128,23 +128,20 @@ fn wait_conditions_and_timeout() {
     assert!(!e.message.is_empty());
     assert_eq!(c.get(&sb.id).expect("get").status, SandboxStatus::Running);
 
-    // A wait started before the exit is answered by the exit. The main blocks on a FIFO that an exec
-    // writes to, so the wait is pending when the main exits.
+    // A wait started before the exit is answered by the exit. The main waits for a file the test writes
+    // (through the files API: an exec that ends its sandbox races the sandbox's end) after starting the
+    // waiter.
     let fin = create(
         &c,
         &busybox(Some(&[
             "sh",
             "-c",
-            "mkfifo /tmp/go.tmp; mv /tmp/go.tmp /tmp/go; read x < /tmp/go; exit $x",
+            "while [ ! -e /tmp/go ]; do usleep 1000; done; exit $(cat /tmp/go)",
         ])),
     );
     std::thread::scope(|s| {
         let waiter = s.spawn(|| d.client().wait(&fin.id, WaitRequest::default()));
-        sh(
-            &c,
-            &fin.id,
-            "while [ ! -p /tmp/go ]; do usleep 1000; done; echo 4 > /tmp/go",
-        );
+        c.write_file(&fin.id, "/tmp/go", b"4", None).expect("go");
         let done = waiter.join().expect("thread").expect("wait");
         assert_eq!(done.status, SandboxStatus::Failed);
         assert_eq!(done.exit.expect("exit").code, Some(4));

@@ -6,7 +6,7 @@
 
 use sandbox_tests::sandbox_proto::client::{BlockingClient, LogStreamOptions};
 use sandbox_tests::sandbox_proto::{LogEntry, OutputEncoding, SandboxStatus};
-use sandbox_tests::{busybox, create, sh, wait_exited, wait_pid_exit, Daemon};
+use sandbox_tests::{busybox, create, wait_exited, wait_pid_exit, Daemon};
 
 fn entries(c: &BlockingClient, id: &str, opts: LogStreamOptions) -> Vec<LogEntry> {
     c.logs_stream(id, opts)
@@ -164,8 +164,9 @@ fn follow_streams_new_lines_and_ends_with_the_sandbox() {
         .expect("follow");
     let first = follow.next().expect("an entry").expect("entry");
     assert_eq!(texts([&first]), ["before\n"]);
-    // Only now may the main process go on: what follows was written after the stream started.
-    sh(&c, &sb.id, "touch /tmp/go");
+    // Only now may the main process go on: what follows was written after the stream started. (Through
+    // the files API: an exec that ends its sandbox would race the sandbox's end.)
+    c.write_file(&sb.id, "/tmp/go", b"", None).expect("go");
     let rest: Vec<LogEntry> = follow.map(|e| e.expect("entry")).collect();
     assert_eq!(of(&rest, "stdout"), ["after-out\n"]);
     assert_eq!(of(&rest, "stderr"), ["after-err\n"]);
@@ -358,7 +359,7 @@ fn logs_survive_a_daemon_kill() {
         texts([&follow.next().expect("entry").expect("entry")]),
         ["one\n"]
     );
-    sh(&c, &b.id, "touch /tmp/go");
+    c.write_file(&b.id, "/tmp/go", b"", None).expect("go B");
     let rest: Vec<LogEntry> = follow.map(|e| e.expect("entry")).collect();
     assert_eq!(of(&rest, "stdout"), ["two\n"]);
     assert_eq!(of(&rest, "stderr"), ["err2\n"]);

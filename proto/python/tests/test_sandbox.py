@@ -125,6 +125,7 @@ class Lookup(DaemonTestCase):
     def test_list_filters_and_from_id(self) -> None:
         tag, other = self.tag(), self.tag()
         a = self.run_sandbox(tags=[tag])
+        a.wait(timeout=BOUND)  # created before b: lists are oldest first
         b = self.run_sandbox("true", tags=[tag, other])
         a.wait(timeout=BOUND)
         b.wait_until_complete(timeout=BOUND)
@@ -278,11 +279,14 @@ class Logs(DaemonTestCase):
         self.assertEqual({e["stream"] for e in entries}, {"stdout", "stderr"})
 
     def test_follow(self) -> None:
-        # The main process prints, then blocks on a FIFO until the test writes to it.
-        sb = self.run_sandbox("sh", "-c", "mkfifo /tmp/go; echo start; read x < /tmp/go; echo \"got $x\"")
+        # The main process prints, then waits for a file the test writes (through the files API: an exec
+        # that ends its sandbox races the sandbox's end).
+        sb = self.run_sandbox(
+            "sh", "-c", "echo start; while [ ! -e /tmp/go ]; do sleep 0.01; done; echo \"got $(cat /tmp/go)\""
+        )
         logs = iter(sb.stream_logs(follow=True))
         self.assertEqual(next(logs), "start\n")
-        sb.exec(["sh", "-c", "echo hi > /tmp/go"]).result(timeout=BOUND)
+        sb.write_file("/tmp/go", b"hi")
         self.assertEqual(next(logs), "got hi\n")
         self.assertEqual(list(logs), [])  # the stream ends with the sandbox
         self.assertEqual(sb.status, SandboxStatus.COMPLETED)
