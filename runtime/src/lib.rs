@@ -17,6 +17,7 @@ pub mod files;
 pub mod image;
 pub mod logs;
 pub mod mounts;
+pub mod net;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;

@@ -1,0 +1,1 @@
+//! Links: the host bridge and the sandboxes' veth pairs, through rtnetlink. (In progress.)
