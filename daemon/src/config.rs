@@ -65,6 +65,121 @@ pub struct Config {
     /// Per-registry settings, keyed by registry host as it appears in normalised references (`docker.io`,
     /// `ghcr.io`, `registry.example:5000`), in the spirit of containerd's `hosts.toml`.
     pub registries: BTreeMap<String, RegistryConfig>,
+    /// Sandbox networking.
+    pub network: NetworkConfig,
+}
+
+/// How sandboxes are networked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// An address on the daemon's bridge, NAT to the outside, policy in the daemon's nftables table.
+    Bridge,
+    /// Loopback only, for every sandbox; no bridge, no firewall table.
+    None,
+}
+
+/// `[network]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// `bridge` (default) or `none`.
+    pub mode: NetworkMode,
+    /// The host bridge sandboxd owns (created at start, removed at a clean stop with no sandbox left).
+    pub bridge: String,
+    /// The sandboxes' IPv4 subnet; the bridge (gateway) has its first address. Must not overlap a network
+    /// the host already has.
+    pub subnet: ipnet::Ipv4Net,
+    /// The nftables table (`inet <name>`) sandboxd owns.
+    pub nft_table: String,
+    /// Prefix of the host ends of the sandboxes' veth pairs (at most 6 characters; 8 hex characters follow).
+    pub veth_prefix: String,
+    /// Nameservers written to the sandboxes' `/etc/resolv.conf`; default: the host's (from
+    /// `/etc/resolv.conf`, or systemd-resolved's upstream list when the host's is a loopback stub).
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// Search domains for `/etc/resolv.conf`.
+    pub dns_search: Vec<String>,
+    /// The host address published ports bind to when a service does not name one.
+    pub publish_host_ip: std::net::Ipv4Addr,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            mode: NetworkMode::Bridge,
+            bridge: "sandboxd0".to_owned(),
+            subnet: "10.88.0.0/16".parse().unwrap_or_default(),
+            nft_table: "sandboxd".to_owned(),
+            veth_prefix: "sbx".to_owned(),
+            dns: Vec::new(),
+            dns_search: Vec::new(),
+            publish_host_ip: std::net::Ipv4Addr::LOCALHOST,
+        }
+    }
+}
+
+fn valid_name(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl NetworkConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !valid_name(&self.bridge, 15) {
+            return bad(format!(
+                "network.bridge {:?}: 1 to 15 characters of [A-Za-z0-9_-]",
+                self.bridge
+            ));
+        }
+        if !valid_name(&self.nft_table, 64) {
+            return bad(format!(
+                "network.nft_table {:?}: 1 to 64 characters of [A-Za-z0-9_-]",
+                self.nft_table
+            ));
+        }
+        if !valid_name(&self.veth_prefix, 6) {
+            return bad(format!(
+                "network.veth_prefix {:?}: 1 to 6 characters of [A-Za-z0-9_-]",
+                self.veth_prefix
+            ));
+        }
+        if self.bridge.starts_with(&self.veth_prefix) {
+            return bad("network.bridge must not start with network.veth_prefix".into());
+        }
+        if self.subnet.prefix_len() > 29 || self.subnet.prefix_len() < 8 {
+            return bad(format!(
+                "network.subnet {}: the prefix length must be 8 to 29",
+                self.subnet
+            ));
+        }
+        if self.subnet != self.subnet.trunc() {
+            return bad(format!(
+                "network.subnet {}: host bits are set (did you mean {}?)",
+                self.subnet,
+                self.subnet.trunc()
+            ));
+        }
+        let s = self.subnet.network();
+        if s.is_loopback() || s.is_link_local() || s.is_multicast() || s.is_unspecified() {
+            return bad(format!(
+                "network.subnet {}: not a usable unicast network",
+                self.subnet
+            ));
+        }
+        if self.dns_search.iter().any(|d| {
+            d.is_empty()
+                || d.len() > 253
+                || !d
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        }) {
+            return bad("network.dns_search: domain names only".into());
+        }
+        Ok(())
+    }
 }
 
 /// `[pull]`: how images are pulled.
@@ -136,6 +251,7 @@ impl Default for Config {
             pull: PullConfig::default(),
             logs: LogsConfig::default(),
             registries: BTreeMap::new(),
+            network: NetworkConfig::default(),
         }
     }
 }
@@ -214,6 +330,7 @@ impl Config {
                 sandbox_runtime::logs::MIN_MAX_BYTES
             )));
         }
+        self.network.validate()?;
         if !(self.stop_grace_seconds.is_finite() && self.stop_grace_seconds >= 0.0) {
             return Err(ConfigError::Invalid(
                 "stop_grace_seconds must be >= 0".into(),
@@ -260,5 +377,24 @@ mod tests {
             100_000
         );
         assert!(Config::parse("[logs]\nmax_bytes = 1000\n", "x").is_err());
+        let c = Config::parse(
+            "[network]\nbridge = \"br-t\"\nsubnet = \"10.213.5.0/24\"\ndns = [\"198.18.0.2\"]\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.network.subnet.to_string(), "10.213.5.0/24");
+        assert_eq!(c.network.mode, NetworkMode::Bridge);
+        for bad in [
+            "[network]\nsubnet = \"10.213.5.1/24\"\n",
+            "[network]\nsubnet = \"10.213.5.0/30\"\n",
+            "[network]\nsubnet = \"127.0.0.0/8\"\n",
+            "[network]\nsubnet = \"not-a-net\"\n",
+            "[network]\nbridge = \"a-bridge-name-too-long\"\n",
+            "[network]\nnft_table = \"bad name\"\n",
+            "[network]\nmode = \"host\"\n",
+            "[network]\nveth_prefix = \"sand\"\nbridge = \"sandbox0\"\n",
+        ] {
+            assert!(Config::parse(bad, "x").is_err(), "{bad}");
+        }
     }
 }

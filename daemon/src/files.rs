@@ -414,7 +414,7 @@ pub fn validate_mounts(
             .decode(f.file_content.as_bytes())
             .map_err(|e| {
                 ApiError::invalid_argument(
-                    &format!("mounted_files[{i}].file_content"),
+                    format!("mounted_files[{i}].file_content"),
                     format!("mounted_files[{i}].file_content is not valid base64: {e}"),
                 )
             })?;
@@ -428,7 +428,7 @@ pub fn validate_mounts(
         let mode = f.mode.unwrap_or(0o444);
         if mode > 0o7777 {
             return Err(ApiError::invalid_argument(
-                &format!("mounted_files[{i}].mode"),
+                format!("mounted_files[{i}].mode"),
                 format!(
                     "mounted_files[{i}].mode must be permission bits (at most 0o7777), got {mode}"
                 ),
@@ -445,7 +445,7 @@ pub fn validate_mounts(
     for (i, v) in volumes.iter().enumerate() {
         if !valid_volume_name(&v.name) {
             return Err(ApiError::invalid_argument(
-                &format!("volumes[{i}].name"),
+                format!("volumes[{i}].name"),
                 format!(
                     "invalid volume name {:?}: 1-63 characters of [A-Za-z0-9_.-]",
                     v.name
@@ -454,7 +454,7 @@ pub fn validate_mounts(
         }
         if names.contains(&v.name.as_str()) {
             return Err(ApiError::invalid_argument(
-                &format!("volumes[{i}].name"),
+                format!("volumes[{i}].name"),
                 format!("the volume name {:?} is used twice", v.name),
             ));
         }

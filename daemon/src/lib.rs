@@ -14,6 +14,7 @@ pub mod files;
 mod helper;
 mod logs;
 pub mod manager;
+pub mod network;
 pub mod pull;
 pub mod resources;
 pub mod time;

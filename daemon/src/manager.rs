@@ -85,6 +85,9 @@ pub struct Record {
     mounted_files: Vec<String>,
     #[serde(default)]
     volumes: Vec<sandbox_proto::VolumeSpec>,
+    /// Its address, veth and policy (bridge mode); None: loopback only.
+    #[serde(default)]
+    net: Option<crate::network::NetRecord>,
 }
 
 impl Record {
@@ -124,6 +127,18 @@ impl Record {
             requests: self.requests.clone(),
             mounted_files: self.mounted_files.clone(),
             volumes: self.volumes.clone(),
+            network: Some(match &self.net {
+                Some(n) => n.info(),
+                None => sandbox_proto::NetworkInfo {
+                    mode: "none".to_owned(),
+                    ..sandbox_proto::NetworkInfo::default()
+                },
+            }),
+            exposed_ports: self
+                .net
+                .as_ref()
+                .map(|n| n.exposed.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -199,6 +214,8 @@ pub struct Manager {
     images: Arc<ImageStore>,
     puller: Arc<Puller>,
     cgroups: Arc<CgroupManager>,
+    /// Bridge-mode networking; None in mode `none`.
+    net: Option<Arc<crate::network::Network>>,
     sandboxes: tokio::sync::Mutex<BTreeMap<String, Arc<Entry>>>,
     counter: AtomicU64,
     /// Deletions of removed sandboxes' directories still running.
@@ -223,6 +240,8 @@ struct PoolEntry {
     id: String,
     cgroup: SandboxCgroup,
     child: tokio::process::Child,
+    /// The address and veth its supervisor made (bridge mode).
+    lease: Option<crate::network::Lease>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -328,6 +347,10 @@ impl Manager {
                 cfg.cgroup_parent
             ))
         })?;
+        let net = crate::network::Network::start(&cfg.network, &cfg.state_dir)
+            .await
+            .map_err(|e| anyhow_like::Error(format!("setting up sandbox networking: {e}")))?
+            .map(Arc::new);
         let m = Arc::new(Self {
             cfg,
             exe,
@@ -335,6 +358,7 @@ impl Manager {
             images,
             puller,
             cgroups: Arc::new(cgroups),
+            net,
             sandboxes: tokio::sync::Mutex::new(BTreeMap::new()),
             counter: AtomicU64::new(0),
             background: Arc::new(StdMutex::new(Vec::new())),
@@ -345,6 +369,11 @@ impl Manager {
             exec_slots: StdMutex::new(std::collections::HashMap::new()),
         });
         m.recover().await;
+        if let Some(net) = &m.net {
+            net.install().await.map_err(|e| {
+                anyhow_like::Error(format!("setting up sandbox networking: {}", e.message))
+            })?;
+        }
         m.collect_images().await;
         m.schedule_refill();
         Ok(m)
@@ -356,6 +385,7 @@ impl Manager {
         &self,
         state_dir: Option<&Path>,
         pool_cgroup: Option<&SandboxCgroup>,
+        lease: Option<&crate::network::Lease>,
     ) -> std::io::Result<tokio::process::Child> {
         let mut cmd = tokio::process::Command::new(&self.exe);
         cmd.arg0("sandboxd")
@@ -364,6 +394,12 @@ impl Manager {
             .env_clear()
             .env("RUST_BACKTRACE", "1")
             .kill_on_drop(false);
+        if let (Some(net), Some(lease)) = (&self.net, lease) {
+            cmd.env(
+                sandbox_runtime::net::NET_ENV,
+                serde_json::to_string(&net.attach(lease)).map_err(std::io::Error::other)?,
+            );
+        }
         if let Some(cg) = pool_cgroup {
             cmd.env(
                 sandbox_runtime::shim::POOL_CGROUP_ENV,
@@ -420,6 +456,9 @@ impl Manager {
             }
         }
         for e in dead {
+            if let (Some(net), Some(l)) = (&self.net, &e.lease) {
+                net.unlease(l);
+            }
             if e.cgroup.destroy().is_ok() {
                 self.pool_ids_changed(|ids| {
                     ids.remove(&e.id);
@@ -446,9 +485,30 @@ impl Manager {
                     return;
                 }
             };
-            match self.spawn_shim(None, Some(&cgroup)) {
-                Ok(child) => lock(&self.pool).push(PoolEntry { id, cgroup, child }),
+            let lease = match &self.net {
+                Some(net) => match net.lease() {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        if cgroup.destroy().is_ok() {
+                            forget(&id);
+                        }
+                        tracing::warn!("no address for a pooled sandbox: {}", e.message);
+                        return;
+                    }
+                },
+                None => None,
+            };
+            match self.spawn_shim(None, Some(&cgroup), lease.as_ref()) {
+                Ok(child) => lock(&self.pool).push(PoolEntry {
+                    id,
+                    cgroup,
+                    child,
+                    lease,
+                }),
                 Err(e) => {
+                    if let (Some(net), Some(l)) = (&self.net, &lease) {
+                        net.unlease(l);
+                    }
                     if cgroup.destroy().is_ok() {
                         forget(&id);
                     }
@@ -469,9 +529,10 @@ impl Manager {
     /// Hands the sandbox in `dir` to its supervisor: the pooled one, or a fresh one.
     async fn launch_shim(
         &self,
-        dir: &Path,
+        entry: &Entry,
         pooled: Option<PoolEntry>,
     ) -> Result<tokio::process::Child, ApiError> {
+        let dir = entry.dir.as_path();
         if let Some(mut e) = pooled {
             if let Some(mut stdin) = e.child.stdin.take() {
                 let mut line = dir.as_os_str().as_encoded_bytes().to_vec();
@@ -484,8 +545,36 @@ impl Manager {
             let _ = e.child.start_kill();
             let _ = e.child.wait().await;
         }
-        self.spawn_shim(Some(dir), None)
+        // A fresh supervisor makes a fresh link (the old one may linger in its dying namespace for a moment):
+        // same address, new name.
+        let lease = match (&self.net, entry.snapshot().net) {
+            (Some(net), Some(n)) => {
+                let l = net.renamed(&n.address);
+                entry.update(|r| {
+                    if let Some(rn) = r.net.as_mut() {
+                        rn.host_if = l.host_if.clone();
+                    }
+                });
+                Some(l)
+            }
+            _ => None,
+        };
+        self.spawn_shim(Some(dir), None, lease.as_ref())
             .map_err(|e| internal("starting the sandbox supervisor", e))
+    }
+
+    /// Ends a pooled supervisor taken for a creation that failed before it was used (its cgroup is the
+    /// failed sandbox's, removed with it).
+    async fn dismiss_pooled(&self, mut p: PoolEntry) {
+        drop(p.child.stdin.take());
+        let _ = p.child.wait().await;
+    }
+
+    /// At a clean stop: removes the bridge and the firewall table when no sandbox has network state left.
+    pub async fn shutdown_network(&self) {
+        if let Some(net) = &self.net {
+            net.teardown().await;
+        }
     }
 
     /// Stops the pooled supervisors and removes their cgroups (at shutdown; after a crash they end by
@@ -504,6 +593,9 @@ impl Manager {
         for mut e in entries {
             drop(e.child.stdin.take());
             let _ = e.child.wait().await;
+            if let (Some(net), Some(l)) = (&self.net, &e.lease) {
+                net.unlease(l);
+            }
             let cg = e.cgroup;
             if let Ok(Ok(())) = tokio::task::spawn_blocking(move || cg.destroy()).await {
                 self.pool_ids_changed(|ids| {
@@ -612,6 +704,25 @@ impl Manager {
         }
         validate_env("env", &req.env)?;
         let mounts = crate::files::validate_mounts(&req.mounted_files, &req.volumes)?;
+        let policy = crate::network::validate(
+            req.network.as_ref(),
+            &req.services,
+            self.cfg.network.publish_host_ip,
+        )?;
+        if self.net.is_none() {
+            if policy.services() > 0 {
+                return Err(ApiError::invalid_argument(
+                    "services",
+                    "this daemon runs sandboxes without networking ([network] mode = \"none\"): no ports can be published",
+                ));
+            }
+            if req.network.as_ref().is_some_and(|n| !n.egress.is_empty()) {
+                return Err(ApiError::invalid_argument(
+                    "network.egress",
+                    "this daemon runs sandboxes without networking ([network] mode = \"none\"): every sandbox is loopback-only",
+                ));
+            }
+        }
         if req.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
             return Err(ApiError::invalid_argument(
                 "tags",
@@ -704,7 +815,7 @@ impl Manager {
         };
 
         match self
-            .start_sandbox(&entry, &rec, &image, &limits, pooled, &mounts)
+            .start_sandbox(&entry, &rec, &image, &limits, pooled, &mounts, &policy)
             .await
         {
             Ok(info) => Ok(info),
@@ -793,6 +904,7 @@ impl Manager {
                 .map(|f| f.mount_path.clone())
                 .collect(),
             volumes: req.volumes.clone(),
+            net: None,
         };
         let dir = self.root.join(&id);
         std::fs::create_dir(&dir)
@@ -851,15 +963,47 @@ impl Manager {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn start_sandbox(
         self: &Arc<Self>,
         entry: &Arc<Entry>,
         rec: &Record,
         image: &StoredImage,
         limits: &ResourceLimits,
-        pooled: Option<PoolEntry>,
+        mut pooled: Option<PoolEntry>,
         mounts: &crate::files::MountPlan,
+        policy: &crate::network::Policy,
     ) -> Result<SandboxInfo, ApiError> {
+        // The address (a pooled supervisor's link has it already), published ports and firewall rules, in
+        // place before the init runs; `discard` undoes them if the creation fails later.
+        let net_spec = match &self.net {
+            Some(net) => {
+                let lease = match pooled.as_mut().and_then(|p| p.lease.take()) {
+                    Some(l) => l,
+                    None => net.lease()?,
+                };
+                let netrec = match net.activate(&rec.id, &lease, policy) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        net.unlease(&lease);
+                        if let Some(p) = pooled.take() {
+                            // Its link has this address: the supervisor goes with the failed create.
+                            self.dismiss_pooled(p).await;
+                        }
+                        return Err(e);
+                    }
+                };
+                entry.update(|r| r.net = Some(netrec));
+                Some(sandbox_runtime::spec::SandboxNetSpec {
+                    address: lease.address,
+                    prefix_len: net.prefix_len(),
+                    gateway: net.gateway(),
+                    dns: net.dns().iter().map(ToString::to_string).collect(),
+                    dns_search: self.cfg.network.dns_search.clone(),
+                })
+            }
+            None => None,
+        };
         let cg_limits = Limits {
             memory_bytes: limits.memory_bytes,
             cpu_millis: limits.cpu_millis,
@@ -910,12 +1054,13 @@ impl Manager {
             },
             mounted_files,
             volumes,
+            network: net_spec,
         };
         let spec_data =
             serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
         std::fs::write(entry.dir.join("spec.json"), spec_data)
             .map_err(|e| internal("writing spec.json", e))?;
-        let mut child = self.launch_shim(&entry.dir, pooled).await?;
+        let mut child = self.launch_shim(entry, pooled).await?;
         let stdout = child
             .stdout
             .take()
@@ -1004,6 +1149,9 @@ impl Manager {
     async fn discard(&self, entry: &Arc<Entry>) {
         let rec = entry.snapshot();
         self.sandboxes.lock().await.remove(&rec.id);
+        if let Some(net) = &self.net {
+            net.release(&rec.id);
+        }
         let cg = self.cgroups.sandbox(&rec.id);
         let dir = entry.dir.clone();
         let _ = tokio::task::spawn_blocking(move || {
@@ -1079,6 +1227,10 @@ impl Manager {
             r.set_status(status, Some(reason));
         });
         tracing::info!(id = %rec.id, status = %rec.status, reason = ?rec.status_reason, "sandbox ended");
+        if let Some(net) = &self.net {
+            // Rules, published ports and the address go; the link goes with the sandbox's netns.
+            net.release(&rec.id);
+        }
         // Execs in flight: their commands died with the pid namespace (or had just finished); their helpers
         // report now. Bounded: a client that stopped reading a stream's output does not hold this up.
         let mut execs = entry.execs.subscribe();
@@ -1285,9 +1437,18 @@ impl Manager {
 
     async fn remove(&self, id: &str) -> Result<(), ApiError> {
         self.drop_exec_slot(id);
-        let Some(entry) = self.sandboxes.lock().await.remove(id) else {
+        // The entry leaves the registry only once its cgroup and directory are gone, so that whoever sees
+        // SANDBOX_NOT_FOUND sees nothing of it left.
+        let Some(entry) = self.sandboxes.lock().await.get(id).cloned() else {
             return Ok(());
         };
+        // The supervisor reports the exit just before it exits: a removal answers once it is gone (bounded;
+        // a supervisor that hangs is not waited for forever).
+        if let Some(s) = entry.snapshot().shim {
+            if let Ok(fd) = sandbox_runtime::sys::pidfd_open_checked(s.pid, s.start_time) {
+                let _ = tokio::time::timeout(Duration::from_secs(5), wait_pidfd(fd)).await;
+            }
+        }
         let cg = self.cgroups.sandbox(id);
         let dir = entry.dir.clone();
         let trash = self.root.join(format!(".removed-{id}"));
@@ -1315,6 +1476,7 @@ impl Manager {
         })
         .await
         .map_err(|e| internal("remove", e))??;
+        self.sandboxes.lock().await.remove(id);
         entry.removed.send_replace(true);
         // Only an image that lost its last name while this sandbox ran can have become garbage.
         let digest = entry.snapshot().image_digest;
@@ -1825,6 +1987,9 @@ impl Manager {
             let shim_fd = rec
                 .shim
                 .and_then(|s| sandbox_runtime::sys::pidfd_open_checked(s.pid, s.start_time).ok());
+            if let (Some(net), Some(n)) = (&self.net, &rec.net) {
+                net.adopt(&rec.id, n);
+            }
             match shim_fd {
                 Some(fd) => {
                     tracing::info!(id = %rec.id, "re-adopted a running sandbox");

@@ -53,6 +53,10 @@ pub enum ErrorCode {
     /// The file operation failed inside the sandbox: a directory where a file was expected, a parent that
     /// is not a directory, a name too long... `details.errno` names the error.
     FileError,
+    /// A host port asked for by a published port is taken (by another sandbox or another program).
+    PortInUse,
+    /// The daemon's networking could not set up the sandbox's network (netlink, nftables).
+    NetworkError,
     /// A bug or an unexpected host failure.
     Internal,
     /// Unknown route.
@@ -73,14 +77,15 @@ impl ErrorCode {
             Self::SandboxNotRunning
             | Self::SandboxRunning
             | Self::NameConflict
-            | Self::ImageInUse => 409,
+            | Self::ImageInUse
+            | Self::PortInUse => 409,
             Self::DigestMismatch | Self::HostileLayer => 422,
             Self::PlatformNotFound => 404,
             Self::RegistryUnauthorized => 403,
             Self::RegistryUnreachable | Self::RegistryError => 502,
             Self::PullTimeout => 504,
             Self::ResourceExhausted => 507,
-            Self::StartFailed | Self::Internal => 500,
+            Self::StartFailed | Self::Internal | Self::NetworkError => 500,
         }
     }
 
@@ -110,6 +115,8 @@ impl ErrorCode {
             Self::FileNotFound => "FILE_NOT_FOUND",
             Self::FileReadOnly => "FILE_READ_ONLY",
             Self::FileError => "FILE_ERROR",
+            Self::PortInUse => "PORT_IN_USE",
+            Self::NetworkError => "NETWORK_ERROR",
             Self::Internal => "INTERNAL",
             Self::NotFound => "NOT_FOUND",
         }
@@ -153,11 +160,11 @@ impl ApiError {
     }
 
     /// An `INVALID_ARGUMENT` naming the field.
-    pub fn invalid_argument(field: &str, message: impl Into<String>) -> Self {
+    pub fn invalid_argument(field: impl AsRef<str>, message: impl Into<String>) -> Self {
         Self {
             code: ErrorCode::InvalidArgument,
             message: message.into(),
-            details: Some(serde_json::json!({ "field": field })),
+            details: Some(serde_json::json!({ "field": field.as_ref() })),
         }
     }
 

@@ -174,6 +174,113 @@ pub struct CreateSandboxRequest {
     /// Size-limited scratch volumes (tmpfs), writable, gone with the sandbox.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// Network policy (default: egress open, ingress denied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkOptions>,
+    /// Ports of the sandbox published on a host address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// Network policy of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOptions {
+    /// Nothing leaves the sandbox (loopback and answers to published ports only).
+    #[serde(default)]
+    pub deny_egress: bool,
+    /// New connections into the sandbox are refused except through its published ports (default true).
+    #[serde(default = "yes")]
+    pub deny_ingress: bool,
+    /// When not empty, an allow-list: only these destinations are reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkOptions {
+    fn default() -> Self {
+        Self {
+            deny_egress: false,
+            deny_ingress: true,
+            egress: Vec::new(),
+        }
+    }
+}
+
+/// One allowed outbound destination: a CIDR or a DNS name, optionally limited to ports and a protocol.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRule {
+    /// IPv4 network (`10.0.0.0/8`) or address (`192.0.2.7`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// A DNS name: the addresses the sandbox resolves it to (through the daemon's resolver) become reachable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
+    /// Destination ports (all when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u32>,
+    /// `tcp` or `udp` (both when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+}
+
+/// A port of the sandbox published on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// The port inside the sandbox.
+    pub port: u32,
+    /// `tcp` (default) or `udp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The host port (absent or 0: one the kernel picks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_port: Option<u32>,
+    /// The host address (default: the daemon's `publish_host_ip`, 127.0.0.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<String>,
+}
+
+/// A published port as set up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExposedPort {
+    /// The port inside the sandbox.
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// The host address it is published on.
+    pub host_ip: String,
+    /// The host port.
+    pub host_port: u16,
+}
+
+/// The sandbox's network as set up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    /// `bridge` (an address on the daemon's bridge) or `none` (loopback only).
+    pub mode: String,
+    /// The sandbox's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Its default gateway (the bridge's address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The interface inside (`eth0`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// The host end of its veth pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_interface: Option<String>,
+    /// Nameservers in its `/etc/resolv.conf`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// The policy it was created with.
+    pub policy: NetworkOptions,
 }
 
 /// A file placed read-only in the sandbox at creation.
@@ -353,6 +460,12 @@ pub struct SandboxInfo {
     /// Scratch volumes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeSpec>,
+    /// Its network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkInfo>,
+    /// Its published ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<ExposedPort>,
 }
 
 /// Body of `GET /v1/sandboxes`.

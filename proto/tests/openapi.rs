@@ -250,6 +250,55 @@ fn full_sandbox() -> SandboxInfo {
         requests: full_limits(),
         mounted_files: vec!["/etc/app.conf".into()],
         volumes: vec![full_volume()],
+        network: Some(full_network_info()),
+        exposed_ports: vec![full_exposed()],
+    }
+}
+
+fn full_network_options() -> NetworkOptions {
+    NetworkOptions {
+        deny_egress: true,
+        deny_ingress: false,
+        egress: vec![full_egress_rule()],
+    }
+}
+
+fn full_egress_rule() -> EgressRule {
+    EgressRule {
+        cidr: Some("10.0.0.0/8".into()),
+        dns_name: Some("example.org".into()),
+        ports: vec![443],
+        protocol: Some("tcp".into()),
+    }
+}
+
+fn full_service() -> ServiceSpec {
+    ServiceSpec {
+        port: 8000,
+        protocol: Some("tcp".into()),
+        host_port: Some(18000),
+        host_ip: Some("127.0.0.1".into()),
+    }
+}
+
+fn full_exposed() -> ExposedPort {
+    ExposedPort {
+        port: 8000,
+        protocol: "tcp".into(),
+        host_ip: "127.0.0.1".into(),
+        host_port: 18000,
+    }
+}
+
+fn full_network_info() -> NetworkInfo {
+    NetworkInfo {
+        mode: "bridge".into(),
+        address: Some("10.88.0.2".into()),
+        gateway: Some("10.88.0.1".into()),
+        interface: Some("eth0".into()),
+        host_interface: Some("sbx01234567".into()),
+        dns: vec!["192.0.2.53".into()],
+        policy: full_network_options(),
     }
 }
 
@@ -359,6 +408,8 @@ fn object_schemas_match_serde() {
             mode: Some(0o444),
         }],
         volumes: vec![full_volume()],
+        network: Some(full_network_options()),
+        services: vec![full_service()],
     };
     check_object(
         "CreateSandboxRequest",
@@ -374,6 +425,29 @@ fn object_schemas_match_serde() {
         },
     );
     check_object("VolumeSpec", &full_volume(), &full_volume());
+    check_object(
+        "NetworkOptions",
+        &full_network_options(),
+        &NetworkOptions::default(),
+    );
+    check_object("EgressRule", &full_egress_rule(), &EgressRule::default());
+    check_object(
+        "ServiceSpec",
+        &full_service(),
+        &ServiceSpec {
+            port: 8000,
+            ..ServiceSpec::default()
+        },
+    );
+    check_object("ExposedPort", &full_exposed(), &full_exposed());
+    check_object(
+        "NetworkInfo",
+        &full_network_info(),
+        &NetworkInfo {
+            mode: "none".into(),
+            ..NetworkInfo::default()
+        },
+    );
     let file_info = FileInfo {
         path: "/data/x".into(),
         size: 1,
@@ -395,6 +469,8 @@ fn object_schemas_match_serde() {
         exit: None,
         pid: None,
         tags: vec![],
+        network: None,
+        exposed_ports: vec![],
         ..full_sandbox()
     };
     check_object("SandboxInfo", &full_sandbox(), &minimal_sandbox);
@@ -591,6 +667,8 @@ fn all_error_codes() -> Vec<ErrorCode> {
         FileNotFound,
         FileReadOnly,
         FileError,
+        PortInUse,
+        NetworkError,
         Internal,
         NotFound,
     ];
@@ -600,8 +678,8 @@ fn all_error_codes() -> Vec<ErrorCode> {
             | SandboxRunning | NameConflict | ImageNotFound | InvalidImage | DigestMismatch
             | ImageInUse | StartFailed | ExecTimeout | WaitTimeout | ResourceExhausted
             | RegistryUnreachable | RegistryError | RegistryUnauthorized | PlatformNotFound
-            | PullTimeout | HostileLayer | FileNotFound | FileReadOnly | FileError | Internal
-            | NotFound => {}
+            | PullTimeout | HostileLayer | FileNotFound | FileReadOnly | FileError | PortInUse
+            | NetworkError | Internal | NotFound => {}
         }
     }
     all.to_vec()

@@ -1,12 +1,15 @@
 //! The sandbox's root filesystem, set up by the sandbox's init inside its own user and mount namespaces.
 //!
 //! Order matters (after runc's `rootfs_linux.go`, written anew):
-//! 1. the overlay is already mounted at `rootfs` by the supervisor (read-only idmapped lowers, private upper);
+//! 1. the overlay is already mounted at `rootfs` by the supervisor (read-only idmapped lowers, private upper),
+//!    with a read-only sysfs on its `/sys` (the network namespace belongs to the host's user namespace, so
+//!    only the supervisor may mount sysfs for it);
 //! 2. `pivot_root(".", ".sandboxd-oldroot")` from inside the rootfs, FIRST, so that every later mount target is resolved
 //!    with the sandbox's root as `/` (an image's absolute symlink `/proc -> /etc` then stays inside it);
-//! 3. proc, a tmpfs `/dev` with bind-mounted device nodes, devpts, shm, mqueue, read-only sysfs — the old
-//!    root is still attached, which the kernel needs to allow proc and sysfs in a user namespace;
-//! 4. masked and read-only paths; `/etc/hosts` and `/etc/hostname`;
+//! 3. proc, a tmpfs `/dev` with bind-mounted device nodes, devpts, shm, mqueue — the old root is still
+//!    attached, which the kernel needs to allow proc in a user namespace;
+//! 4. masked and read-only paths; `/etc/hosts`, `/etc/hostname` and (networked sandboxes)
+//!    `/etc/resolv.conf`;
 //! 5. the old root is detached and its mount point removed.
 
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -125,16 +128,21 @@ fn mnt(
     mount(Some(src), target, Some(fstype), flags, data).map_err(err("mount", target))
 }
 
+/// Name of the state directory's `resolv.conf` (written by the supervisor for networked sandboxes only).
+pub const RESOLV_CONF: &str = "resolv.conf";
+
 /// Files of the sandbox's state directory bind-mounted into it, opened (`O_PATH`) before the init gives up
 /// the host's root uid.
 #[derive(Debug)]
 pub struct SupportFiles {
     hosts: std::os::fd::OwnedFd,
     hostname: std::os::fd::OwnedFd,
+    /// Absent: the image's own `/etc/resolv.conf` stays.
+    resolv_conf: Option<std::os::fd::OwnedFd>,
 }
 
 impl SupportFiles {
-    /// Opens `hosts` and `hostname` in `state_dir`.
+    /// Opens `hosts`, `hostname` and, if present, `resolv.conf` in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self, RootfsError> {
         let o = |name: &str| {
             let p = state_dir.join(name);
@@ -143,11 +151,18 @@ impl SupportFiles {
                 nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC,
                 nix::sys::stat::Mode::empty(),
             )
-            .map_err(err("open", &p))
+            .map_err(|e| (e, p))
+        };
+        let required = |name: &str| o(name).map_err(|(e, p)| err("open", &p)(e));
+        let resolv_conf = match o(RESOLV_CONF) {
+            Ok(fd) => Some(fd),
+            Err((nix::errno::Errno::ENOENT, _)) => None,
+            Err((e, p)) => return Err(err("open", &p)(e)),
         };
         Ok(Self {
-            hosts: o("hosts")?,
-            hostname: o("hostname")?,
+            hosts: required("hosts")?,
+            hostname: required("hostname")?,
+            resolv_conf,
         })
     }
 }
@@ -189,7 +204,8 @@ pub fn pivot_cwd() -> Result<(), RootfsError> {
 /// Steps 3 and 4.
 pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    for d in ["/proc", "/dev", "/sys", "/etc", "/tmp"] {
+    // /sys is mounted already (by the supervisor).
+    for d in ["/proc", "/dev", "/etc", "/tmp"] {
         mkdir_p(Path::new(d))?;
     }
     mnt("proc", "/proc", "proc", nosuid_nodev_noexec, None)?;
@@ -241,13 +257,6 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
     ] {
         symlink(target, link).map_err(ioerr("symlink", link))?;
     }
-    mnt(
-        "sysfs",
-        "/sys",
-        "sysfs",
-        nosuid_nodev_noexec | MsFlags::MS_RDONLY,
-        None,
-    )?;
 
     for p in MASKED_PATHS {
         mask(Path::new(p))?;
@@ -256,7 +265,13 @@ pub fn setup_mounts(support: &SupportFiles) -> Result<(), RootfsError> {
         readonly(Path::new(p))?;
     }
 
-    for (name, fd) in [("hosts", &support.hosts), ("hostname", &support.hostname)] {
+    let files = [
+        ("hosts", Some(&support.hosts)),
+        ("hostname", Some(&support.hostname)),
+        (RESOLV_CONF, support.resolv_conf.as_ref()),
+    ];
+    for (name, fd) in files {
+        let Some(fd) = fd else { continue };
         let src = fd_path(fd);
         let target = PathBuf::from("/etc").join(name);
         own_target(&target, false)?;

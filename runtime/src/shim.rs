@@ -4,19 +4,24 @@
 //! fork of the multi-threaded daemon). The supervisor:
 //! 1. enters a private mount namespace of its own (so nothing it mounts is ever visible on the host, and
 //!    everything it mounts disappears with it);
-//! 2. clones the sandbox's init into new user, pid, uts, ipc and net namespaces (`clone3`, with a pidfd);
-//! 3. as the parent, writes the init's uid/gid maps (root inside = `host_uid` outside), puts it into the
-//!    sandbox's cgroup, bind-mounts each image layer idmapped through the sandbox's user namespace and
-//!    mounts the overlay (layers read-only, the sandbox's own upper) — then lets the init go on;
-//! 4. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
-//! 5. reads the main process's stdout and stderr from two pipes into the sandbox's bounded log
+//! 2. moves itself into a new network namespace ([`crate::net::link::enter_new_netns`]): loopback up, and,
+//!    with a [`NetAttach`] in [`NET_ENV`], the veth pair on the host bridge with `eth0` configured inside.
+//!    The namespace belongs to the host's user namespace, so the sandbox's root cannot reconfigure it;
+//! 3. clones the sandbox's init into new user, pid, uts and ipc namespaces (`clone3`, with a pidfd); the
+//!    init shares the supervisor's network namespace;
+//! 4. as the parent, writes the init's uid/gid maps (root inside = `host_uid` outside), puts it into the
+//!    sandbox's cgroup, bind-mounts each image layer idmapped through the sandbox's user namespace, mounts
+//!    the overlay (layers read-only, the sandbox's own upper) and a read-only sysfs on its `/sys` (the
+//!    init could not: the network namespace is not its own) — then lets the init go on;
+//! 5. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
+//! 6. reads the main process's stdout and stderr from two pipes into the sandbox's bounded log
 //!    ([`crate::logs`]), polling them together with the init's status pipe and pidfd (no timer unless a
 //!    partial line waits for its newline); once the main process has ended and its output is drained, it
 //!    reaps the init, checks the memory cgroup for an OOM kill, writes `exit.json` durably and exits (the daemon then records the exit and removes the cgroup). The daemon learns of the exit through a
 //!    pidfd on the supervisor — also after the daemon itself was restarted.
 //!
 //! The init (pid 1 inside) unshares the mount and cgroup namespaces, pivots into the rootfs, mounts
-//! proc/dev/sys, sets the hostname, brings loopback up, forks the main process (or none: the sandbox idles),
+//! proc and dev, sets the hostname, forks the main process (or none: the sandbox idles),
 //! then reaps every child (no zombies when user code forks), forwards signals to the main process, and exits
 //! with the main process. Because it is pid 1, its exit kills whatever else runs in the sandbox.
 
@@ -36,6 +41,7 @@ use nix::unistd::{Gid, Pid, Uid};
 
 use crate::cgroups::SandboxCgroup;
 use crate::logs::{LogWriter, Stream};
+use crate::net::{NetAttach, NET_ENV};
 use crate::spec::{
     read_json, write_json_atomic, write_json_replace, ExitRecord, ProcRecord, SandboxSpec,
     StartReport, ID_RANGE,
@@ -84,14 +90,14 @@ pub const STATE_DIR_ENV: &str = "SANDBOXD_SHIM_STATE_DIR";
 pub const POOL_CGROUP_ENV: &str = "SANDBOXD_SHIM_POOL_CGROUP";
 
 /// Namespaces the init is cloned into; the cgroup namespace is unshared by the init itself once the
-/// supervisor has put it into its cgroup.
+/// supervisor has put it into its cgroup. Not the network namespace: the init shares the supervisor's,
+/// which the supervisor created (so that it belongs to the host's user namespace, not the sandbox's).
 const CLONE_NS: CloneFlags = CloneFlags::from_bits_truncate(
     CloneFlags::CLONE_NEWUSER.bits()
         | CloneFlags::CLONE_NEWNS.bits()
         | CloneFlags::CLONE_NEWPID.bits()
         | CloneFlags::CLONE_NEWUTS.bits()
-        | CloneFlags::CLONE_NEWIPC.bits()
-        | CloneFlags::CLONE_NEWNET.bits(),
+        | CloneFlags::CLONE_NEWIPC.bits(),
 );
 
 struct Pipe {
@@ -127,13 +133,21 @@ fn pipe() -> Result<Pipe, ShimError> {
 
 /// Entry point of `sandboxd shim`. With `state_dir` (from [`STATE_DIR_ENV`]) it serves that sandbox at
 /// once; without it, it is a *pooled* supervisor: it prepares everything that does not depend on the
-/// sandbox (private mount namespace, seccomp filter, the init cloned into fresh namespaces), then waits for
-/// one line on stdin naming the state directory to serve. EOF instead (the daemon went away) ends it
-/// cleanly, init and all. Returns the process exit code.
+/// sandbox (private mount namespace, network namespace with its link, seccomp filter, the init cloned
+/// into fresh namespaces), then waits for one line on stdin naming the state directory to serve. EOF
+/// instead (the daemon went away) ends it cleanly, init and all. The network attachment, if any, comes
+/// in [`NET_ENV`]. Returns the process exit code.
 pub fn main(state_dir: Option<PathBuf>, pool_cgroup: Option<SandboxCgroup>) -> i32 {
     let _ = nix::unistd::setsid();
     let pooled = state_dir.is_none();
-    let pre = match Prepared::new(pool_cgroup) {
+    let attach: Option<NetAttach> = match std::env::var(NET_ENV) {
+        Ok(json) => match serde_json::from_str(&json) {
+            Ok(a) => Some(a),
+            Err(e) => return report_and_exit(&format!("bad {NET_ENV}: {e}")),
+        },
+        Err(_) => None,
+    };
+    let pre = match Prepared::new(pool_cgroup, attach.as_ref()) {
         Ok(p) => p,
         Err(e) => return report_and_exit(&e.to_string()),
     };
@@ -213,9 +227,12 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(cgroup: Option<SandboxCgroup>) -> Result<Self, ShimError> {
+    fn new(cgroup: Option<SandboxCgroup>, attach: Option<&NetAttach>) -> Result<Self, ShimError> {
         nix::sched::unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare mount namespace"))?;
         crate::rootfs::make_root_private().map_err(|e| ShimError::Init(e.to_string()))?;
+        // Before the clone: the init inherits this network namespace (and no thread may be running).
+        crate::net::link::enter_new_netns(attach)
+            .map_err(|e| ShimError::Init(format!("setting up the network namespace: {e}")))?;
         let filter = crate::seccomp::default_filter()
             .map_err(|e| ShimError::Init(format!("seccomp filter: {e}")))?;
         let go = pipe()?;
@@ -299,10 +316,22 @@ struct Init {
 }
 
 fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
-    let hosts = format!(
+    let mut hosts = format!(
         "127.0.0.1\tlocalhost {h}\n::1\tlocalhost ip6-localhost ip6-loopback {h}\n",
         h = spec.hostname
     );
+    let resolv_path = spec.state_dir.join(crate::rootfs::RESOLV_CONF);
+    match &spec.network {
+        Some(net) => {
+            hosts.push_str(&format!("{}\t{}\n", net.address, spec.hostname));
+            std::fs::write(&resolv_path, resolv_conf(net)?).map_err(step("writing resolv.conf"))?;
+        }
+        None => match std::fs::remove_file(&resolv_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(step("removing a stale resolv.conf")(e)),
+        },
+    }
     std::fs::write(spec.state_dir.join("hosts"), hosts).map_err(step("writing hosts"))?;
     std::fs::write(
         spec.state_dir.join("hostname"),
@@ -310,6 +339,31 @@ fn write_support_files(spec: &SandboxSpec) -> Result<(), ShimError> {
     )
     .map_err(step("writing hostname"))?;
     Ok(())
+}
+
+/// `/etc/resolv.conf` of a networked sandbox: its nameservers (addresses only) and search domains.
+fn resolv_conf(net: &crate::spec::SandboxNetSpec) -> Result<String, ShimError> {
+    let mut out = String::new();
+    for ns in &net.dns {
+        let ip: std::net::IpAddr = ns
+            .parse()
+            .map_err(|_| ShimError::Init(format!("nameserver {ns:?} is not an IP address")))?;
+        out.push_str(&format!("nameserver {ip}\n"));
+    }
+    if !net.dns_search.is_empty() {
+        for d in &net.dns_search {
+            let ok = !d.is_empty()
+                && d.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'));
+            if !ok {
+                return Err(ShimError::Init(format!(
+                    "search domain {d:?} is not a domain name"
+                )));
+            }
+        }
+        out.push_str(&format!("search {}\n", net.dns_search.join(" ")));
+    }
+    Ok(out)
 }
 
 fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
@@ -454,7 +508,53 @@ fn mount_rootfs(
         // The overlay holds its own references to the layers; the idmapped mounts are no longer needed.
         let _ = umount2(l, MntFlags::MNT_DETACH);
     }
-    Ok(())
+    mount_sysfs(rootfs, spec.host_uid)
+}
+
+/// Mounts a read-only sysfs at the rootfs's `/sys`. sysfs shows the network devices of the mounter's
+/// network namespace and may only be mounted by someone privileged over it: the supervisor, not the init.
+/// The image controls `/sys` (nothing of the sandbox runs yet): a symlink there is replaced by a
+/// directory, and the mount goes through a descriptor opened without following symlinks.
+fn mount_sysfs(rootfs: &Path, host_uid: u32) -> Result<(), ShimError> {
+    use nix::fcntl::OFlag;
+    let target = rootfs.join("sys");
+    let mkdir = |target: &Path| -> Result<(), ShimError> {
+        std::fs::create_dir(target).map_err(step("mkdir /sys in the rootfs"))?;
+        let id = Some(Uid::from_raw(host_uid));
+        nix::unistd::chown(target, id, Some(Gid::from_raw(host_uid)))
+            .map_err(step("chown /sys in the rootfs"))?;
+        std::fs::set_permissions(target, std::fs::Permissions::from_mode(0o555))
+            .map_err(step("chmod /sys in the rootfs"))
+    };
+    match std::fs::symlink_metadata(&target) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::remove_file(&target).map_err(step("unlinking the image's /sys symlink"))?;
+            mkdir(&target)?;
+        }
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(ShimError::Init(
+                "the image's /sys is not a directory".to_owned(),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => mkdir(&target)?,
+        Err(e) => return Err(step("stat /sys in the rootfs")(e)),
+    }
+    let dir = nix::fcntl::open(
+        &target,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(step("opening /sys in the rootfs"))?;
+    let via = format!("/proc/self/fd/{}", dir.as_raw_fd());
+    mount(
+        Some("sysfs"),
+        via.as_str(),
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(step("mounting sysfs"))
 }
 
 fn write_fd(fd: &OwnedFd, data: &[u8]) {
@@ -533,7 +633,6 @@ fn init_setup(
     // Attached once nothing of the host is reachable from `/`.
     user_mounts.attach().map_err(|e| e.to_string())?;
     nix::unistd::sethostname(&spec.hostname).map_err(|e| format!("sethostname: {e}"))?;
-    crate::sys::loopback_up().map_err(|e| format!("bringing loopback up: {e}"))?;
     nix::sys::prctl::set_dumpable(false).map_err(|e| format!("prctl dumpable: {e}"))?;
     SigSet::all()
         .thread_block()

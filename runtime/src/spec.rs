@@ -11,6 +11,7 @@
 //!   ever mounted inside the supervisor's private mount namespace (nothing leaks on the host's).
 
 use std::io::Write;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,26 @@ pub struct SandboxSpec {
     /// [`crate::logs::DEFAULT_MAX_BYTES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_max_bytes: Option<u64>,
+    /// The sandbox's address on the host bridge (its supervisor got the matching
+    /// [`crate::net::NetAttach`]); `None`: loopback only. Used for `/etc/hosts` and `/etc/resolv.conf`.
+    #[serde(default)]
+    pub network: Option<SandboxNetSpec>,
+}
+
+/// A networked sandbox's addressing, as its `/etc/hosts` and `/etc/resolv.conf` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxNetSpec {
+    /// The sandbox's address (on `eth0`).
+    pub address: Ipv4Addr,
+    /// Prefix length of the sandbox subnet.
+    pub prefix_len: u8,
+    /// The default gateway (the host bridge).
+    pub gateway: Ipv4Addr,
+    /// Nameserver addresses for `/etc/resolv.conf`.
+    pub dns: Vec<String>,
+    /// Search domains for `/etc/resolv.conf`.
+    #[serde(default)]
+    pub dns_search: Vec<String>,
 }
 
 /// A file of the state directory (content, mode and owner prepared by the daemon) mounted read-only at

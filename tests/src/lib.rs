@@ -3,7 +3,11 @@
 //! `scripts/build-busybox-image`.
 //!
 //! Every [`Daemon`] checks, when dropped, that nothing of its sandboxes is left behind: no state
-//! directories, no mounts, no cgroups, no supervisor processes. A test that leaks fails.
+//! directories, no mounts, no cgroups, no supervisor processes, and (after a clean shutdown) none of its
+//! network: no veth, no bridge, no nftables table. A test that leaks fails.
+//!
+//! Every daemon gets a network of its own (bridge, subnet, nftables table and host-veth prefix, see
+//! [`net::DaemonNetwork`]), so that tests run in parallel.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -25,6 +29,7 @@ use sandbox_proto::{
 pub use sandbox_proto;
 
 pub mod fake_registry;
+pub mod net;
 pub mod oci;
 
 /// How long a daemon may take to start listening.
@@ -411,7 +416,11 @@ pub struct Daemon {
     pub log: PathBuf,
     /// `--config`, when the daemon runs with a configuration file.
     pub config: Option<PathBuf>,
+    /// Its network (the generated or the caller's `[network]` section).
+    pub network: net::DaemonNetwork,
     child: Option<Child>,
+    /// The last stop was a SIGKILL ([`Daemon::kill9`]): the network is not expected to be cleaned up.
+    killed: bool,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -431,9 +440,16 @@ impl Daemon {
         )))
     }
 
-    /// Starts a fresh daemon with `config` (TOML) as its configuration file, if given.
+    /// Starts a fresh daemon with `config` (TOML) as its configuration file. Unless `config` has a
+    /// `[network]` section of its own, a generated one is appended: a bridge, subnet, nftables table and
+    /// veth prefix of this daemon's own (see [`net::DaemonNetwork::generate`]).
     pub fn start_with_config(config: Option<&str>) -> Self {
         Self::start_with_state_dir(None, config)
+    }
+
+    /// Like [`Daemon::start_with_config`], with `settings` in the generated `[network]` section.
+    pub fn start_with_network(settings: net::NetSettings, config: Option<&str>) -> Self {
+        Self::start_full(None, config, &settings)
     }
 
     /// Like [`Daemon::start_with_config`], with `--state-dir state_dir` when given (e.g. on a small
@@ -441,6 +457,14 @@ impl Daemon {
     /// log and config file stay in the temporary directory; the Docker config directory is the state
     /// directory's sibling `docker-config`. The caller owns (and removes) the state directory.
     pub fn start_with_state_dir(state_dir: Option<&Path>, config: Option<&str>) -> Self {
+        Self::start_full(state_dir, config, &net::NetSettings::default())
+    }
+
+    fn start_full(
+        state_dir: Option<&Path>,
+        config: Option<&str>,
+        settings: &net::NetSettings,
+    ) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         // The state directory's ancestors must be traversable by the sandboxes' unprivileged root
@@ -450,18 +474,28 @@ impl Daemon {
             .permissions(fs::Permissions::from_mode(0o755))
             .tempdir()
             .expect("temp dir");
-        let config = config.map(|text| {
+        let text = config.unwrap_or_default();
+        let (network, text) = match net::DaemonNetwork::from_config(text) {
+            Some(n) => (n, text.to_owned()),
+            None => {
+                let (n, section) = net::DaemonNetwork::generate(settings);
+                (n, format!("{text}\n{section}"))
+            }
+        };
+        let config = {
             let p = dir.path().join("config.toml");
             fs::write(&p, text).expect("writing the daemon's config file");
-            p
-        });
+            Some(p)
+        };
         let mut d = Self {
             socket: dir.path().join("s.sock"),
             state_dir: state_dir.map_or_else(|| dir.path().join("state"), Path::to_path_buf),
             cgroup_parent: format!("sandboxd-test-{}-{n}", std::process::id()),
             log: dir.path().join("sandboxd.log"),
             config,
+            network,
             child: None,
+            killed: false,
             dir: Some(dir),
         };
         d.spawn();
@@ -521,6 +555,7 @@ impl Daemon {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "daemon already running");
+        self.killed = false;
         let mut cmd = self.command();
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -622,6 +657,7 @@ impl Daemon {
     /// SIGKILLs the daemon (sandboxes keep running) and reaps it.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon running");
+        self.killed = true;
         kill(child.id() as i32, libc::SIGKILL);
         let status = child.wait().expect("wait for sandboxd");
         assert_eq!(
@@ -865,6 +901,14 @@ impl Daemon {
                     dir.display()
                 ));
             }
+        }
+        // The network: the daemon removes its bridge and table on a clean shutdown with no sandbox left;
+        // the sandboxes' veths go with their network namespaces (the kernel removes them asynchronously,
+        // waited for on link events). After a SIGKILL they stay: removed here without complaint.
+        if self.killed {
+            self.network.remove_leftovers();
+        } else {
+            problems.extend(self.network.leftovers(true));
         }
         problems
     }

@@ -21,6 +21,8 @@ use serde::Serialize;
 
 #[path = "sandboxctl/cp.rs"]
 mod cp;
+#[path = "sandboxctl/net.rs"]
+mod net;
 
 /// Exit status for failures of `sandboxctl run` before the sandbox ran (as `docker run`).
 const EXIT_RUN_FAILED: i32 = 125;
@@ -50,7 +52,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create and start a sandbox; by default wait for it, print its output and exit with its status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run a command in a running sandbox and exit with its exit code.
     Exec(ExecArgs),
     /// List sandboxes.
@@ -212,6 +214,23 @@ struct RunArgs {
     /// When to pull the image: missing (default), always, never.
     #[arg(long, value_name = "POLICY", default_value = "missing", value_parser = parse_pull_policy)]
     pull: PullPolicy,
+    /// Publish a port of the sandbox on the host (repeatable): [HOST_IP:][HOST_PORT:]PORT[/udp]; the
+    /// host address defaults to 127.0.0.1, a missing host port is one the kernel picks.
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[IP:][HOSTPORT:]PORT[/PROTO]"
+    )]
+    publish: Vec<String>,
+    /// `bridge` (default: egress through NAT) or `none` (no egress at all).
+    #[arg(long, value_name = "MODE")]
+    network: Option<String>,
+    /// Allow egress only to these destinations (repeatable): CIDR[:PORT[,PORT]][/tcp|/udp].
+    #[arg(long = "egress-allow", value_name = "CIDR[:PORTS][/PROTO]")]
+    egress_allow: Vec<String>,
+    /// Accept new connections into the sandbox from the host's networks (default: only published ports).
+    #[arg(long)]
+    allow_ingress: bool,
     /// Image reference, e.g. busybox, python:3.12.
     image: String,
     /// The main process and its arguments (none: the sandbox idles until stopped).
@@ -352,7 +371,7 @@ fn dispatch(cli: Cli) -> CmdResult {
     let client = BlockingClient::new(&cli.socket)?;
     let json = cli.json;
     match cli.command {
-        Command::Run(a) => cmd_run(&client, json, a),
+        Command::Run(a) => cmd_run(&client, json, *a),
         Command::Exec(a) => cmd_exec(&client, json, a),
         Command::Ls(a) => cmd_ls(&client, json, a),
         Command::Inspect { names } => cmd_inspect(&client, &names),
@@ -482,7 +501,17 @@ fn cmd_run(client: &BlockingClient, json: bool, a: RunArgs) -> CmdResult {
         .map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
     let annotations =
         parse_annotations(&a.annotations).map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
+    let services = a
+        .publish
+        .iter()
+        .map(|p| net::publish(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
+    let network = net::options(a.network.as_deref(), &a.egress_allow, a.allow_ingress)
+        .map_err(|f| Failure::new(EXIT_RUN_FAILED, f.error))?;
     let req = CreateSandboxRequest {
+        network,
+        services,
         annotations,
         max_lifetime_seconds: a.max_lifetime,
         mounted_files,

@@ -167,6 +167,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         .await?;
     let _ = std::fs::remove_file(&socket);
     manager.drain_pool().await;
+    manager.shutdown_network().await;
     let m = Arc::clone(&manager);
     let _ = tokio::task::spawn_blocking(move || m.finish_background_work()).await;
     Ok(())

@@ -22,6 +22,7 @@ from .exceptions import (
     SandboxImageNotFoundError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxPortInUseError,
     SandboxResourceExhaustedError,
     SandboxTerminatedError,
     SandboxTimeoutError,
@@ -35,6 +36,7 @@ from .options import (
     NetworkOptions,
     ResourceOptions,
     SandboxDefaults,
+    Service,
     Volume,
 )
 from .process import Process, ProcessResult, StreamReader, StreamWriter, TerminalSession
@@ -54,6 +56,7 @@ __all__ = [
     "SandboxDefaults",
     "NetworkOptions",
     "EgressRule",
+    "Service",
     "ResourceOptions",
     "MountedFile",
     "Volume",
@@ -79,4 +82,5 @@ __all__ = [
     "SandboxResourceExhaustedError",
     "SandboxValidationError",
     "SandboxImageNotFoundError",
+    "SandboxPortInUseError",
 ]

@@ -14,12 +14,14 @@ empty when there were none). Errors the daemon reports are mapped to a subclass 
      +-- SandboxTimeoutError             WAIT_TIMEOUT, client-side timeouts
      |    +-- SandboxCommandTimeoutError EXEC_TIMEOUT (an exec past its timeout_seconds)
      +-- SandboxTerminatedError          the sandbox was stopped (TERMINATED)
-     +-- SandboxFailedError              the sandbox FAILED, or could not start (START_FAILED)
+     +-- SandboxFailedError              the sandbox FAILED, or could not start (START_FAILED,
+     |                                   NETWORK_ERROR: the host could not set up its network)
      +-- SandboxExecutionError           check=True and a non-zero exit; a broken exec stream
      +-- SandboxFileError                FILE_NOT_FOUND, FILE_READ_ONLY, FILE_ERROR
      +-- SandboxResourceExhaustedError   RESOURCE_EXHAUSTED
      +-- SandboxValidationError          INVALID_ARGUMENT, INVALID_REQUEST
      +-- SandboxImageNotFoundError       IMAGE_NOT_FOUND
+     +-- SandboxPortInUseError           PORT_IN_USE (a published port's host port is taken)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "SandboxResourceExhaustedError",
     "SandboxValidationError",
     "SandboxImageNotFoundError",
+    "SandboxPortInUseError",
     "CODE_TO_EXCEPTION",
     "error_from_api",
 ]
@@ -133,7 +136,8 @@ class SandboxTerminatedError(SandboxError):
 
 class SandboxFailedError(SandboxError):
     """The sandbox FAILED (its main process exited non-zero, was killed or OOM-killed) or could not
-    start (``START_FAILED``)."""
+    start (``START_FAILED``; ``NETWORK_ERROR`` when the host failed to set up its network: netlink,
+    nftables, binding a published port)."""
 
     default_code = "SANDBOX_FAILED"
 
@@ -204,6 +208,34 @@ class SandboxImageNotFoundError(SandboxError):
         return r if isinstance(r, str) else None
 
 
+class SandboxPortInUseError(SandboxError):
+    """A published port's host port is already taken on the host, by another sandbox or another
+    program (``PORT_IN_USE``); nothing of the sandbox is left behind.
+
+    Attributes:
+        field: the offending field (``"services[0].host_port"``).
+        host_ip: the host address asked for, when known.
+        host_port: the taken host port, when known.
+    """
+
+    default_code = "PORT_IN_USE"
+
+    @property
+    def field(self) -> Optional[str]:
+        f = self.details.get("field")
+        return f if isinstance(f, str) else None
+
+    @property
+    def host_ip(self) -> Optional[str]:
+        h = self.details.get("host_ip")
+        return h if isinstance(h, str) else None
+
+    @property
+    def host_port(self) -> Optional[int]:
+        p = self.details.get("host_port")
+        return p if isinstance(p, int) and not isinstance(p, bool) else None
+
+
 #: Daemon error code -> exception class.
 CODE_TO_EXCEPTION: Dict[str, Type[SandboxError]] = {
     "SANDBOX_NOT_FOUND": SandboxNotFoundError,
@@ -218,6 +250,8 @@ CODE_TO_EXCEPTION: Dict[str, Type[SandboxError]] = {
     "RESOURCE_EXHAUSTED": SandboxResourceExhaustedError,
     "IMAGE_NOT_FOUND": SandboxImageNotFoundError,
     "START_FAILED": SandboxFailedError,
+    "NETWORK_ERROR": SandboxFailedError,
+    "PORT_IN_USE": SandboxPortInUseError,
 }
 
 

@@ -1,4 +1,4 @@
-"""Options of a sandbox: :class:`SandboxDefaults`, resources, network, mounted files, volumes.
+"""Options of a sandbox: :class:`SandboxDefaults`, resources, network, services, mounted files, volumes.
 
 The module attribute :data:`DEFAULT_SANDBOX_DEFAULTS` holds the defaults that ``Sandbox.run()`` and
 ``Session()`` use when they are given none. It is read at each call, so a program (or a test) may
@@ -20,6 +20,7 @@ __all__ = [
     "ResourceOptions",
     "NetworkOptions",
     "EgressRule",
+    "Service",
     "MountedFile",
     "Volume",
 ]
@@ -30,10 +31,17 @@ DEFAULT_CONTAINER_IMAGE = "python:3.11"
 
 @dataclass(frozen=True)
 class EgressRule:
-    """One allowed outbound destination: a CIDR or a DNS name, optionally limited to ports.
+    """One allowed outbound destination of an egress allow-list (:attr:`NetworkOptions.egress`).
 
-    (Network policy is enforced by the daemon from the networking release on; until then a daemon that
-    does not know ``network`` refuses it with ``SandboxValidationError``.)
+    Attributes:
+        cidr: an IPv4 network (``"10.0.0.0/8"``) or address (``"192.0.2.7"``, a /32). Host bits must be
+            clear (``"10.0.0.1/8"`` is refused); a bad one is refused with
+            :class:`~sandboxd.SandboxValidationError`, ``field == "network.egress[i].cidr"``.
+        dns_name: a DNS name. **This daemon version refuses rules by DNS name**
+            (:class:`~sandboxd.SandboxValidationError`, ``field == "network.egress[i].dns_name"``): use a
+            ``cidr``. A rule has exactly one of ``cidr`` and ``dns_name``.
+        ports: destination ports (1-65535, at most 64); empty means every port.
+        protocol: ``"tcp"`` or ``"udp"``; ``None`` means both.
     """
 
     cidr: Optional[str] = None
@@ -57,7 +65,26 @@ class EgressRule:
 
 @dataclass(frozen=True)
 class NetworkOptions:
-    """Network policy of a sandbox: deny all egress or allow some, deny ingress."""
+    """Network policy of a sandbox, enforced by the daemon (sent as ``network``).
+
+    Without it a sandbox may connect anywhere and nothing may connect to it except through its published
+    ports (``services``).
+
+    Attributes:
+        deny_egress: nothing leaves the sandbox (loopback and answers to its published ports only).
+        deny_ingress: new connections into the sandbox's address are refused, except through its
+            published ports (default ``True``); ``False`` lets the host and other sandboxes connect.
+        egress: when not empty, an **allow-list**: only these destinations
+            (:class:`EgressRule`, by ``cidr``, optionally limited to ``ports`` and a ``protocol``,
+            ``"tcp"`` or ``"udp"``) are reachable, everything else is dropped. Contradicts
+            ``deny_egress=True``. Bad rules are refused with :class:`~sandboxd.SandboxValidationError`
+            naming the field (``network.egress[0].cidr``, ``network.egress[1].protocol``); rules by
+            ``dns_name`` are refused by this daemon version (``network.egress[i].dns_name``).
+
+    ::
+
+        NetworkOptions(egress=(EgressRule(cidr="198.18.1.0/24", ports=(80, 443), protocol="tcp"),))
+    """
 
     deny_egress: bool = False
     deny_ingress: bool = True
@@ -70,6 +97,47 @@ class NetworkOptions:
             "deny_ingress": self.deny_ingress,
             "egress": [r.to_dict() if isinstance(r, EgressRule) else dict(r) for r in self.egress],
         }
+
+
+@dataclass(frozen=True)
+class Service:
+    """A port of the sandbox published on the host (``Sandbox.run(..., services=[Service(port=8000)])``).
+
+    Where services are taken, a dict with these keys or a bare ``int`` port (``services=[8000]``) does as
+    well. Once the sandbox runs, :attr:`Sandbox.exposed_ports <sandboxd.Sandbox.exposed_ports>` lists where
+    each is published and :meth:`Sandbox.url_for <sandboxd.Sandbox.url_for>` answers its URL.
+
+    Attributes:
+        port: the port inside the sandbox (1-65535) that a process listens on.
+        protocol: ``"tcp"`` (default) or ``"udp"``; anything else is refused
+            (:class:`~sandboxd.SandboxValidationError`, ``field == "services[i].protocol"``).
+        host_port: the host port; ``None`` (or 0): one the kernel picks. A taken one is refused with
+            :class:`~sandboxd.SandboxPortInUseError`.
+        host_ip: the host address to publish on; ``None``: the daemon's ``publish_host_ip``
+            (``127.0.0.1`` unless configured otherwise).
+    """
+
+    port: int
+    protocol: str = "tcp"
+    host_port: Optional[int] = None
+    host_ip: Optional[str] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The wire form (``None`` fields omitted)."""
+        d: Dict[str, Any] = {"port": _port(self.port, "port")}
+        if self.protocol is not None:
+            d["protocol"] = str(self.protocol)
+        if self.host_port is not None:
+            d["host_port"] = _port(self.host_port, "host_port")
+        if self.host_ip is not None:
+            d["host_ip"] = str(self.host_ip)
+        return d
+
+
+def _port(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"a service's {name} is an int, not {type(v).__name__}")
+    return int(v)
 
 
 @dataclass(frozen=True)
@@ -129,6 +197,18 @@ class Volume:
 ResourcesArg = Union[None, Mapping[str, Any], ResourceOptions]
 MountedFileArg = Union[Mapping[str, Any], MountedFile]
 VolumeArg = Union[Mapping[str, Any], Sequence[Any], Volume]
+ServiceArg = Union[Service, Mapping[str, Any], int]
+
+
+def _service_list(services: Union[None, ServiceArg, Iterable[ServiceArg]]) -> List[ServiceArg]:
+    """``services`` as a list: one service (a :class:`Service`, a dict, an ``int``) or an iterable."""
+    if services is None:
+        return []
+    if isinstance(services, (Service, Mapping, int)) and not isinstance(services, bool):
+        return [services]
+    if isinstance(services, (str, bytes)):
+        raise TypeError("services is a list of Service, dicts or int ports, not a string")
+    return list(services)
 
 
 @dataclass(frozen=True)
@@ -143,7 +223,9 @@ class SandboxDefaults:
         tags: tags for ``Sandbox.list(tags=...)``; merged with the tags given to ``run``.
         resources: ``{"cpu": "500m", "memory": "512Mi", "pids": 64}`` (requests == limits), or
             ``{"requests": {...}, "limits": {...}}`` / :class:`ResourceOptions`.
-        network: :class:`NetworkOptions`.
+        network: :class:`NetworkOptions` (egress policy, ingress).
+        services: ports to publish on the host: :class:`Service`, dicts with its fields, or bare ``int``
+            ports; the services given to ``run`` are added.
         environment_variables: environment of the main process and of every exec; merged with the
             variables given to ``run`` (those win).
         mounted_files: ``[{"mount_path": "/etc/app.conf", "file_content": b"..."}]``, read-only; the
@@ -159,6 +241,7 @@ class SandboxDefaults:
     tags: Tuple[str, ...] = ()
     resources: ResourcesArg = None
     network: Optional[NetworkOptions] = None
+    services: Tuple[ServiceArg, ...] = ()
     environment_variables: Mapping[str, str] = field(default_factory=dict)
     mounted_files: Tuple[MountedFileArg, ...] = ()
     volumes: Tuple[VolumeArg, ...] = ()
@@ -170,6 +253,7 @@ class SandboxDefaults:
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "mounted_files", tuple(self.mounted_files))
         object.__setattr__(self, "volumes", tuple(self.volumes))
+        object.__setattr__(self, "services", tuple(_service_list(self.services)))
         object.__setattr__(self, "environment_variables", dict(self.environment_variables))
         object.__setattr__(self, "annotations", dict(self.annotations))
 
@@ -282,3 +366,36 @@ def network_to_wire(network: Union[None, NetworkOptions, Mapping[str, Any]]) -> 
     if isinstance(network, NetworkOptions):
         return network.to_dict()
     return dict(network)
+
+
+def service_to_wire(s: ServiceArg) -> Dict[str, Any]:
+    """One service as the daemon takes it: from a :class:`Service`, a dict with its fields or an ``int``
+    port."""
+    if isinstance(s, Service):
+        return s.to_dict()
+    if isinstance(s, Mapping):
+        names = {f.name for f in dataclasses.fields(Service)}
+        unknown = set(s) - names
+        if unknown:
+            raise TypeError(
+                f"a service has no field(s) {', '.join(sorted(map(str, unknown)))} "
+                f"(it has {', '.join(sorted(names))})"
+            )
+        if "port" not in s:
+            raise TypeError("a service dict needs a 'port'")
+        kw = dict(s)
+        if kw.get("protocol") is None:
+            kw.pop("protocol", None)
+        return Service(**kw).to_dict()
+    if isinstance(s, int) and not isinstance(s, bool):
+        return Service(port=s).to_dict()
+    raise TypeError(f"a service is a Service, a dict or an int port, not {type(s).__name__}")
+
+
+def services_to_wire(
+    services: Union[None, ServiceArg, Iterable[ServiceArg]], defaults: Iterable[ServiceArg] = ()
+) -> List[Dict[str, Any]]:
+    """``services`` as the daemon takes them (a list of ``{"port", "protocol", "host_port", "host_ip"}``
+    without the ``None`` fields), after the ``defaults``' services: ``services_to_wire([8000, {"port":
+    53, "protocol": "udp"}])``."""
+    return [service_to_wire(s) for s in (*_service_list(defaults), *_service_list(services))]

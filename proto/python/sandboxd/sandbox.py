@@ -35,10 +35,12 @@ from .options import (
     NetworkOptions,
     ResourcesArg,
     SandboxDefaults,
+    ServiceArg,
     VolumeArg,
     mounted_file_to_wire,
     network_to_wire,
     resources_to_wire,
+    services_to_wire,
     volume_to_wire,
 )
 from .process import DEFAULT_MAX_OUTPUT_BYTES, Process, TerminalSession
@@ -255,6 +257,7 @@ class Sandbox:
         tags: Optional[Iterable[str]] = None,
         resources: ResourcesArg = None,
         network: Union[None, NetworkOptions, Mapping[str, Any]] = None,
+        services: Optional[Iterable[ServiceArg]] = None,
         mounted_files: Optional[Iterable[MountedFileArg]] = None,
         volumes: Optional[Iterable[VolumeArg]] = None,
         environment_variables: Optional[Mapping[str, str]] = None,
@@ -289,6 +292,9 @@ class Sandbox:
         net = network_to_wire(network if network is not None else d.network)
         if net is not None:
             req["network"] = net
+        svcs = services_to_wire(services, d.services)
+        if svcs:
+            req["services"] = svcs
         env = d.merge_environment_variables(environment_variables)
         if env:
             req["env"] = {str(k): str(v) for k, v in env.items()}
@@ -321,6 +327,7 @@ class Sandbox:
         tags: Optional[Iterable[str]] = None,
         resources: ResourcesArg = None,
         network: Union[None, NetworkOptions, Mapping[str, Any]] = None,
+        services: Optional[Iterable[ServiceArg]] = None,
         mounted_files: Optional[Iterable[MountedFileArg]] = None,
         volumes: Optional[Iterable[VolumeArg]] = None,
         environment_variables: Optional[Mapping[str, str]] = None,
@@ -338,8 +345,11 @@ class Sandbox:
             tags: tags, added to the defaults' tags.
             resources: ``{"cpu": "500m", "memory": "512Mi", "pids": 64}`` (requests == limits) or
                 ``{"requests": {...}, "limits": {...}}``.
-            network: :class:`~sandboxd.NetworkOptions` (sent as ``network``; a daemon without networking
-                support refuses it with :class:`~sandboxd.SandboxValidationError`).
+            network: :class:`~sandboxd.NetworkOptions`: egress allow-list or deny, ingress (a bad rule:
+                :class:`~sandboxd.SandboxValidationError` naming ``network.egress[i]....``).
+            services: ports to publish on the host: ``[Service(port=8000)]`` (or dicts, or bare ``int``
+                ports), added to the defaults' services; see :attr:`exposed_ports` and :meth:`url_for`.
+                A taken host port: :class:`~sandboxd.SandboxPortInUseError`.
             mounted_files: ``[{"mount_path": "/etc/app.conf", "file_content": b"..."}]``, read-only.
             volumes: scratch volumes, ``(name, mount_path, size)`` tuples or dicts.
             environment_variables: environment of the main process and of every exec.
@@ -360,6 +370,7 @@ class Sandbox:
             tags=tags,
             resources=resources,
             network=network,
+            services=services,
             mounted_files=mounted_files,
             volumes=volumes,
             environment_variables=environment_variables,
@@ -525,6 +536,53 @@ class Sandbox:
         """Tags of the sandbox."""
         info = self._info
         return list((info or {}).get("tags") or self._request.get("tags") or [])
+
+    # -- network -------------------------------------------------------------------------------------
+
+    def _created_info(self) -> Optional[Dict[str, Any]]:
+        """Fresh info once created (waiting for the creation under way); ``None`` if never started or
+        its creation failed."""
+        ref = self._create_ref
+        if ref is None:
+            return None
+        try:
+            ref.result()
+        except Exception:  # noqa: BLE001 - creation failed: no info
+            return None
+        return self._current()
+
+    @property
+    def exposed_ports(self) -> List[Dict[str, Any]]:
+        """The published ports as the daemon set them up: ``[{"port": 8000, "protocol": "tcp",
+        "host_ip": "127.0.0.1", "host_port": 18080}]`` (fetched fresh; waits for a creation under way);
+        ``[]`` if none, if the sandbox was never started or could not be created."""
+        info = self._created_info()
+        return [dict(p) for p in (info or {}).get("exposed_ports") or []]
+
+    @property
+    def network(self) -> Optional[Dict[str, Any]]:
+        """The sandbox's network as the daemon set it up: ``{"mode": "bridge"|"none", "address":
+        "10.88.0.5", "gateway": "10.88.0.1", "interface": "eth0", "host_interface": ..., "dns": [...],
+        "policy": {...}}`` (fetched fresh; waits for a creation under way); ``None`` if the daemon reports
+        none, if the sandbox was never started or could not be created."""
+        info = self._created_info()
+        net = (info or {}).get("network")
+        return dict(net) if isinstance(net, dict) else None
+
+    def url_for(self, port: int, scheme: str = "http") -> str:
+        """The URL of a published TCP port on the host: ``f"{scheme}://{host_ip}:{host_port}"``
+        (``sandbox.url_for(8000)`` -> ``"http://127.0.0.1:18080"``). Waits for the creation (raising
+        its error); raises :class:`ValueError` if ``port`` is not published over TCP."""
+        self._ensure_created()
+        ports = self.exposed_ports
+        for p in ports:
+            if int(p.get("port", -1)) == int(port) and str(p.get("protocol", "tcp")).lower() == "tcp":
+                host = str(p["host_ip"])
+                if ":" in host:  # an IPv6 address
+                    host = f"[{host}]"
+                return f"{scheme}://{host}:{int(p['host_port'])}"
+        published = ", ".join(f"{p.get('port')}/{p.get('protocol')}" for p in ports) or "none"
+        raise ValueError(f"port {port}/tcp of sandbox {self._id} is not published (published: {published})")
 
     # -- waiting -------------------------------------------------------------------------------------
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+import ipaddress
 import os
 import re
+import socket
+import urllib.request
 from unittest import mock
 
 import sandboxd
 from sandboxd import (
+    EgressRule,
     NetworkOptions,
     Sandbox,
     SandboxConnectionError,
@@ -20,10 +24,12 @@ from sandboxd import (
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxPortInUseError,
     SandboxStatus,
     SandboxTerminatedError,
     SandboxTimeoutError,
     SandboxValidationError,
+    Service,
     Session,
 )
 
@@ -371,18 +377,147 @@ class Options(DaemonTestCase):
     def test_network_is_sent_to_the_daemon(self) -> None:
         sb = Sandbox.run(network=NetworkOptions(deny_egress=True), tags=[RUN_TAG, self.tag()])
         self.addCleanup(sb.delete, missing_ok=True)
-        try:
-            sb.wait(timeout=BOUND)
-        except SandboxValidationError as e:
-            # A daemon without network policy support refuses the field by name.
-            self.assertIn("network", str(e))
-        else:
-            self.assertEqual(sb.status, SandboxStatus.RUNNING)
+        sb.wait(timeout=BOUND)
+        self.assertEqual(sb.status, SandboxStatus.RUNNING)
+        self.assertEqual(sb.network["policy"]["deny_egress"], True)
 
     def test_unknown_image(self) -> None:
         sb = Sandbox.run(container_image="no-such-image-anywhere:1", tags=[RUN_TAG])
         with self.assertRaises(sandboxd.SandboxImageNotFoundError):
             sb.wait(timeout=BOUND)
+
+
+class Network(DaemonTestCase):
+    """Published ports, network info and the daemon's refusals of bad network options."""
+
+    def test_published_port_is_reachable_from_the_host(self) -> None:
+        # The suite's image is python:3.11 (Debian, no nc): its own HTTP server serves a mounted file.
+        # `-u`: the "Serving HTTP" line, printed once the server listens, reaches the logs at once.
+        sb = self.run_sandbox(
+            "python3", "-u", "-m", "http.server", "8000", "--bind", "0.0.0.0", "--directory", "/srv",
+            mounted_files=[{"mount_path": "/srv/hello.txt", "file_content": b"hi\n"}],
+            services=[Service(port=8000)],
+        )
+        sb.wait(timeout=BOUND)
+        ports = sb.exposed_ports
+        self.assertEqual(len(ports), 1, ports)
+        p = ports[0]
+        self.assertEqual((p["port"], p["protocol"], p["host_ip"]), (8000, "tcp", "127.0.0.1"))
+        self.assertIsInstance(p["host_port"], int)
+        self.assertGreater(p["host_port"], 0)  # none asked for: one the kernel picked
+        url = sb.url_for(8000)
+        self.assertEqual(url, f"http://127.0.0.1:{p['host_port']}")
+        self.assertEqual(sb.url_for(8000, scheme="ws"), f"ws://127.0.0.1:{p['host_port']}")
+        with self.assertRaises(ValueError) as cm:
+            sb.url_for(9000)
+        self.assertIn("9000", str(cm.exception))
+        # Wait for the server to listen (its own announcement), then read through the published port.
+        with sb.stream_logs(follow=True) as logs:
+            seen = []
+            for line in logs:
+                seen.append(line)
+                if "Serving HTTP" in line:
+                    break
+            else:
+                self.fail(f"the server ended without listening: {seen}")
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with no_proxy.open(url + "/hello.txt", timeout=BOUND) as resp:
+            self.assertEqual(resp.status, 200)
+            self.assertEqual(resp.read(), b"hi\n")
+        # A plain socket as well: the port is the host's, on 127.0.0.1.
+        with socket.create_connection(("127.0.0.1", p["host_port"]), timeout=BOUND) as c:
+            c.sendall(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+            answer = b""
+            while True:
+                b = c.recv(4096)
+                if not b:
+                    break
+                answer += b
+        self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer[:100])
+        self.assertTrue(answer.endswith(b"\r\n\r\nhi\n"), answer[-100:])
+
+    def test_network_info(self) -> None:
+        sb = self.run_sandbox(
+            network=NetworkOptions(egress=[EgressRule(cidr="198.18.1.0/24", ports=(443,), protocol="tcp")]),
+            services=[{"port": 9000, "protocol": "udp"}],
+        )
+        sb.wait(timeout=BOUND)
+        net = sb.network
+        self.assertIsNotNone(net)
+        self.assertEqual(net["mode"], "bridge")
+        address = ipaddress.IPv4Address(net["address"])
+        gateway = ipaddress.IPv4Address(net["gateway"])
+        self.assertNotEqual(address, gateway)
+        self.assertEqual(net["interface"], "eth0")
+        self.assertEqual(
+            net["policy"]["egress"], [{"cidr": "198.18.1.0/24", "ports": [443], "protocol": "tcp"}]
+        )
+        self.assertEqual(sb.info["network"], net)
+        # The sandbox has that address: it is the source of its route to the gateway (a UDP "connect"
+        # sends nothing).
+        r = sb.exec(
+            [
+                "python3", "-c",
+                "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+                "s.connect((sys.argv[1], 9)); print(s.getsockname()[0])",
+                str(gateway),
+            ]
+        ).result()
+        self.assertEqual((r.returncode, r.stdout), (0, f"{address}\n"), r.stderr)
+        # A UDP service is published, but has no http URL.
+        self.assertEqual([(p["port"], p["protocol"]) for p in sb.exposed_ports], [(9000, "udp")])
+        with self.assertRaises(ValueError) as cm:
+            sb.url_for(9000)
+        self.assertIn("9000", str(cm.exception))
+
+    def test_invalid_options_name_the_field(self) -> None:
+        for kw, field in [
+            ({"network": NetworkOptions(egress=[EgressRule(cidr="10.0.0.0/33")])}, "network.egress[0].cidr"),
+            (
+                {
+                    "network": NetworkOptions(
+                        egress=[EgressRule(cidr="10.0.0.0/8"), EgressRule(cidr="192.0.2.1", protocol="icmp")]
+                    )
+                },
+                "network.egress[1].protocol",
+            ),
+            (
+                {"network": NetworkOptions(egress=[EgressRule(dns_name="example.org")])},
+                "network.egress[0].dns_name",
+            ),
+            ({"services": [Service(port=8000, protocol="sctp")]}, "services[0].protocol"),
+            ({"services": [8000, Service(port=70000)]}, "services[1].port"),
+        ]:
+            with self.subTest(field=field):
+                sb = Sandbox.run(tags=[RUN_TAG], **kw)
+                with self.assertRaises(SandboxValidationError) as cm:
+                    sb.wait(timeout=BOUND)
+                self.assertEqual(cm.exception.code, "INVALID_ARGUMENT", str(cm.exception))
+                self.assertEqual(cm.exception.field, field, str(cm.exception))
+                self.assertIsNone(sb.sandbox_id)
+                self.assertEqual(sb.exposed_ports, [])
+                self.assertIsNone(sb.network)
+
+    def test_taken_host_port(self) -> None:
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        host_port = taken.getsockname()[1]
+        tag = self.tag()
+        sb = Sandbox.run(tags=[RUN_TAG, tag], services=[Service(port=8000, host_port=host_port)])
+        self.addCleanup(sb.delete, missing_ok=True)
+        with self.assertRaises(SandboxPortInUseError) as cm:
+            sb.wait(timeout=BOUND)
+        e = cm.exception
+        self.assertEqual(e.code, "PORT_IN_USE")
+        self.assertEqual(e.field, "services[0].host_port")
+        self.assertEqual((e.host_ip, e.host_port), ("127.0.0.1", host_port))
+        self.assertIn(str(host_port), str(e))
+        with self.assertRaises(SandboxPortInUseError):
+            sb.url_for(8000)  # the creation error, as every operation raises it
+        self.assertIsNone(sb.sandbox_id)
+        self.assertEqual(Sandbox.list(tags=[tag]).result(), [])  # nothing of it is left behind
 
 
 class Sessions(DaemonTestCase):

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::types::{CreateSandboxRequest, MountedFile, Resources, VolumeSpec};
+use crate::types::{
+    CreateSandboxRequest, MountedFile, NetworkOptions, Resources, ServiceSpec, VolumeSpec,
+};
 
 /// The image a sandbox runs when none is given, as in the hosted product.
 pub const DEFAULT_CONTAINER_IMAGE: &str = "python:3.11";
@@ -52,6 +54,10 @@ pub struct SandboxDefaults {
     pub annotations: BTreeMap<String, String>,
     /// Unique name (also the hostname); default `sb-` and the id's first 8 characters.
     pub name: Option<String>,
+    /// Network policy (default: egress open, ingress denied).
+    pub network: Option<NetworkOptions>,
+    /// Ports published on the host.
+    pub services: Vec<ServiceSpec>,
 }
 
 impl Default for SandboxDefaults {
@@ -68,6 +74,8 @@ impl Default for SandboxDefaults {
             volumes: Vec::new(),
             annotations: BTreeMap::new(),
             name: None,
+            network: None,
+            services: Vec::new(),
         }
     }
 }
@@ -200,6 +208,22 @@ impl SandboxDefaults {
         self
     }
 
+    /// Sets the network policy.
+    pub fn with_network(mut self, network: NetworkOptions) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// Publishes a TCP port of the sandbox on the host (127.0.0.1, a port the kernel picks; see
+    /// `SandboxInfo::exposed_ports`).
+    pub fn with_service(mut self, port: u16) -> Self {
+        self.services.push(ServiceSpec {
+            port: u32::from(port),
+            ..ServiceSpec::default()
+        });
+        self
+    }
+
     /// Sets the name.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -228,6 +252,8 @@ impl SandboxDefaults {
             annotations: self.annotations.clone(),
             mounted_files: self.mounted_files.clone(),
             volumes: self.volumes.clone(),
+            network: self.network.clone(),
+            services: self.services.clone(),
             ..CreateSandboxRequest::default()
         }
     }

@@ -8,6 +8,7 @@
 //! sandbox-bench files-1m IMAGE RUNS      # write + read back 1 MiB
 //! sandbox-bench files-100m IMAGE RUNS    # write + read back 100 MiB
 //! sandbox-bench stream-mbps IMAGE RUNS   # exec stream of `head -c 1G /dev/zero`: MB/s per run
+//! sandbox-bench churn IMAGE RUNS         # create (idle) + delete --force, per run
 //! ```
 //! The socket comes from `SANDBOXD_SOCKET`. Prints one JSON object: runs, median, p90, p99, mean, min (ms).
 
@@ -47,7 +48,7 @@ fn idle(c: &BlockingClient, image: &str) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() != 4 {
-        eprintln!("usage: sandbox-bench start|exec|exec-stream|first-exec|files-1m|files-100m|stream-mbps IMAGE RUNS");
+        eprintln!("usage: sandbox-bench start|exec|exec-stream|first-exec|files-1m|files-100m|stream-mbps|churn IMAGE RUNS");
         std::process::exit(2);
     }
     let image = args[2].clone();
@@ -202,6 +203,14 @@ fn main() {
                 samples.push(n as f64 / secs / 1e6);
             }
             let _ = c.delete(&sb, true);
+        }
+        "churn" => {
+            for _ in 0..runs {
+                let t = Instant::now();
+                let sb = idle(&c, &image);
+                c.delete(&sb, true).unwrap_or_else(|e| fail("delete", &e));
+                samples.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
         }
         other => fail("unknown mode", &other),
     }

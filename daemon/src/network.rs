@@ -1,0 +1,821 @@
+//! Sandbox networking in the daemon: the bridge and firewall table it owns, address allocation, the
+//! validation of network options and published ports, and the placeholder sockets that hold published host
+//! ports.
+//!
+//! The links themselves are made by each sandbox's supervisor (see `sandbox_runtime::net`); the daemon
+//! decides the address and the veth's name, and adds the sandbox's firewall elements before its init runs.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex as StdMutex;
+
+use ipnet::Ipv4Net;
+use sandbox_proto::{ApiError, ErrorCode, ExposedPort, NetworkInfo, NetworkOptions, ServiceSpec};
+use sandbox_runtime::net::nft::{
+    AllowRule, Egress, Firewall, NetPlan, Proto, Published, SandboxRules,
+};
+use sandbox_runtime::net::NetAttach;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{NetworkConfig, NetworkMode};
+
+/// Errors setting up the daemon's networking at start.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkInitError {
+    /// The firewall library could not be loaded.
+    #[error("nftables: {0}")]
+    Firewall(#[from] sandbox_runtime::net::nft::NftError),
+    /// Links (bridge, sysctls).
+    #[error("{0}")]
+    Link(#[from] sandbox_runtime::net::link::LinkError),
+    /// The configured subnet collides with the host's networks.
+    #[error("network.subnet {subnet} overlaps {other}, a network this host already has; configure another [network] subnet")]
+    Overlap {
+        /// Ours.
+        subnet: Ipv4Net,
+        /// The host's.
+        other: Ipv4Net,
+    },
+}
+
+/// What a sandbox's record keeps of its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetRecord {
+    /// The sandbox's address on the bridge.
+    pub address: Ipv4Addr,
+    /// The host end of its veth.
+    pub host_if: String,
+    /// The policy as given (defaults filled in).
+    pub policy: NetworkOptions,
+    /// Published ports as set up.
+    #[serde(default)]
+    pub exposed: Vec<ExposedPort>,
+    /// Its gateway (the bridge's address).
+    pub gateway: Ipv4Addr,
+    /// The nameservers in its `/etc/resolv.conf`.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl NetRecord {
+    /// The sandbox's network as shown in its info.
+    pub fn info(&self) -> NetworkInfo {
+        NetworkInfo {
+            mode: "bridge".to_owned(),
+            address: Some(self.address.to_string()),
+            gateway: Some(self.gateway.to_string()),
+            interface: Some("eth0".to_owned()),
+            host_interface: Some(self.host_if.clone()),
+            dns: self.dns.iter().map(ToString::to_string).collect(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+/// An address and veth name reserved for a sandbox (or a pooled supervisor).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The address.
+    pub address: Ipv4Addr,
+    /// The host end of the veth.
+    pub host_if: String,
+}
+
+/// A validated policy: what the firewall enforces for one sandbox.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// As given, defaults filled in (recorded and shown).
+    pub options: NetworkOptions,
+    egress: Egress,
+    services: Vec<(Proto, u16, Ipv4Addr, u16)>,
+}
+
+impl Policy {
+    /// Whether the sandbox needs an address (always, in bridge mode: published ports need one even when
+    /// egress is denied).
+    pub fn services(&self) -> usize {
+        self.services.len()
+    }
+}
+
+/// A bound, never-listening socket holding a published host port, so that another program (or sandbox)
+/// binding it gets `EADDRINUSE` while the sandbox has it.
+#[derive(Debug)]
+struct Placeholder(#[allow(dead_code)] OwnedFd);
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    /// Index (from the subnet's start) of the last address handed out: allocation goes on after it, so an
+    /// address comes back only after the whole subnet was used once (its old veth is long gone by then).
+    cursor: u32,
+}
+
+#[derive(Debug)]
+struct Active {
+    rules: SandboxRules,
+    _ports: Vec<Placeholder>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    used: HashSet<Ipv4Addr>,
+    cursor: u32,
+    active: HashMap<String, Active>,
+    /// The table has been installed (after recovery); before that, changes only touch `active`.
+    installed: bool,
+}
+
+/// The daemon's networking (bridge mode).
+#[derive(Debug)]
+pub struct Network {
+    cfg: NetworkConfig,
+    plan: NetPlan,
+    fw: Firewall,
+    gateway: Ipv4Addr,
+    dns: Vec<Ipv4Addr>,
+    state: StdMutex<State>,
+    state_path: PathBuf,
+}
+
+fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    use std::io::Read as _;
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_err()
+    {
+        return sandbox_runtime::spec::now_ms() as u32 ^ std::process::id();
+    }
+    u32::from_le_bytes(b)
+}
+
+/// The host's nameservers usable from a sandbox: IPv4, not loopback (a stub resolver on the host's
+/// loopback is out of a sandbox's reach; systemd-resolved's upstream list is used then, as Docker does).
+fn host_resolvers() -> Vec<Ipv4Addr> {
+    let parse = |p: &str| -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("nameserver"))
+                    .then(|| w.next())
+                    .flatten()
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            })
+            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .collect()
+    };
+    let v = parse("/etc/resolv.conf");
+    if v.is_empty() {
+        parse("/run/systemd/resolve/resolv.conf")
+    } else {
+        v
+    }
+}
+
+fn proto_of(field: &str, p: Option<&str>) -> Result<Option<Proto>, ApiError> {
+    match p.map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(None),
+        Some("tcp") => Ok(Some(Proto::Tcp)),
+        Some("udp") => Ok(Some(Proto::Udp)),
+        Some(other) => Err(ApiError::invalid_argument(
+            field,
+            format!("unsupported protocol {other:?}: tcp or udp"),
+        )),
+    }
+}
+
+fn port_of(field: &str, p: u32, zero_ok: bool) -> Result<u16, ApiError> {
+    match u16::try_from(p) {
+        Ok(0) if zero_ok => Ok(0),
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(ApiError::invalid_argument(
+            field,
+            format!("invalid port {p}: 1 to 65535"),
+        )),
+    }
+}
+
+/// Parses `10.0.0.0/8` or a bare address (a /32).
+fn cidr_of(field: &str, s: &str) -> Result<Ipv4Net, ApiError> {
+    let s = s.trim();
+    let net = if s.contains('/') {
+        s.parse::<Ipv4Net>().map_err(|e| {
+            ApiError::invalid_argument(field, format!("invalid IPv4 CIDR {s:?}: {e}"))
+        })?
+    } else {
+        let a = s.parse::<Ipv4Addr>().map_err(|e| {
+            ApiError::invalid_argument(field, format!("invalid IPv4 CIDR {s:?}: {e}"))
+        })?;
+        Ipv4Net::new(a, 32).map_err(|e| ApiError::invalid_argument(field, e.to_string()))?
+    };
+    if net != net.trunc() {
+        return Err(ApiError::invalid_argument(
+            field,
+            format!(
+                "invalid IPv4 CIDR {s:?}: host bits are set (did you mean {}?)",
+                net.trunc()
+            ),
+        ));
+    }
+    Ok(net)
+}
+
+/// Checks network options and services (also when networking is off, so that a request means the same
+/// everywhere); answers the policy to enforce.
+pub fn validate(
+    opts: Option<&NetworkOptions>,
+    services: &[ServiceSpec],
+    publish_host_ip: Ipv4Addr,
+) -> Result<Policy, ApiError> {
+    let options = opts.cloned().unwrap_or_default();
+    let mut allow = Vec::new();
+    for (i, r) in options.egress.iter().enumerate() {
+        let f = |name: &str| format!("network.egress[{i}].{name}");
+        let protos = match proto_of(&f("protocol"), r.protocol.as_deref())? {
+            Some(p) => vec![p],
+            None => vec![Proto::Tcp, Proto::Udp],
+        };
+        let mut ports = Vec::new();
+        for (j, p) in r.ports.iter().enumerate() {
+            ports.push(port_of(
+                &format!("network.egress[{i}].ports[{j}]"),
+                *p,
+                false,
+            )?);
+        }
+        if ports.len() > 64 {
+            return Err(ApiError::invalid_argument(
+                f("ports"),
+                "at most 64 ports per rule",
+            ));
+        }
+        match (&r.cidr, &r.dns_name) {
+            (Some(c), None) => {
+                let net = cidr_of(&f("cidr"), c)?;
+                for proto in &protos {
+                    if ports.is_empty() {
+                        allow.push(AllowRule {
+                            net,
+                            proto: *proto,
+                            ports: None,
+                        });
+                    }
+                    for p in &ports {
+                        allow.push(AllowRule {
+                            net,
+                            proto: *proto,
+                            ports: Some((*p, *p)),
+                        });
+                    }
+                }
+            }
+            (None, Some(name)) => {
+                return Err(ApiError::invalid_argument(
+                    f("dns_name"),
+                    format!(
+                        "egress rules by DNS name ({name:?}) are not supported by this daemon yet; use a cidr"
+                    ),
+                ));
+            }
+            _ => {
+                return Err(ApiError::invalid_argument(
+                    format!("network.egress[{i}]"),
+                    "an egress rule has exactly one of cidr and dns_name",
+                ));
+            }
+        }
+    }
+    if options.egress.len() > 256 {
+        return Err(ApiError::invalid_argument(
+            "network.egress",
+            "at most 256 egress rules",
+        ));
+    }
+    if options.deny_egress && !options.egress.is_empty() {
+        return Err(ApiError::invalid_argument(
+            "network.egress",
+            "deny_egress and an egress allow-list contradict each other",
+        ));
+    }
+    let egress = if options.deny_egress {
+        Egress::Deny
+    } else if options.egress.is_empty() {
+        Egress::Open
+    } else {
+        Egress::Allow(allow)
+    };
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, s) in services.iter().enumerate() {
+        let f = |name: &str| format!("services[{i}].{name}");
+        let port = port_of(&f("port"), s.port, false)?;
+        let proto = proto_of(&f("protocol"), s.protocol.as_deref())?.unwrap_or(Proto::Tcp);
+        let host_port = port_of(&f("host_port"), s.host_port.unwrap_or(0), true)?;
+        let host_ip = match &s.host_ip {
+            None => publish_host_ip,
+            Some(h) => h.parse::<Ipv4Addr>().map_err(|e| {
+                ApiError::invalid_argument(f("host_ip"), format!("invalid IPv4 address {h:?}: {e}"))
+            })?,
+        };
+        if host_ip.is_unspecified() || host_ip.is_multicast() || host_ip.is_broadcast() {
+            return Err(ApiError::invalid_argument(
+                f("host_ip"),
+                format!("publish on one address of this host, not {host_ip}"),
+            ));
+        }
+        if !seen.insert((proto, port)) {
+            return Err(ApiError::invalid_argument(
+                f("port"),
+                format!("port {port}/{proto} is published twice"),
+            ));
+        }
+        out.push((proto, port, host_ip, host_port));
+    }
+    if out.len() > 64 {
+        return Err(ApiError::invalid_argument(
+            "services",
+            "at most 64 published ports",
+        ));
+    }
+    Ok(Policy {
+        options,
+        egress,
+        services: out,
+    })
+}
+
+/// Binds a never-listening socket on `ip:port` (`port` 0: the kernel picks); answers it and the port.
+fn bind_placeholder(proto: Proto, ip: Ipv4Addr, port: u16) -> std::io::Result<(Placeholder, u16)> {
+    use nix::sys::socket::{
+        bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let ty = match proto {
+        Proto::Tcp => SockType::Stream,
+        Proto::Udp => SockType::Datagram,
+    };
+    let fd = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(ip, port)),
+    )?;
+    let bound: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&fd))?;
+    Ok((Placeholder(fd), bound.port()))
+}
+
+impl Network {
+    /// Sets up bridge mode (None in mode `none`): loads libnftables, checks the subnet against the host's
+    /// networks, enables IPv4 forwarding, makes sure the bridge exists. The table is installed by
+    /// [`Network::install`] once the surviving sandboxes are known.
+    pub async fn start(
+        cfg: &NetworkConfig,
+        state_dir: &Path,
+    ) -> Result<Option<Self>, NetworkInitError> {
+        if cfg.mode == NetworkMode::None {
+            return Ok(None);
+        }
+        let fw = Firewall::open()?;
+        let subnet = cfg.subnet;
+        for other in sandbox_runtime::net::link::host_ipv4_networks(&cfg.bridge).await? {
+            if other.contains(&subnet.network()) || subnet.contains(&other.network()) {
+                return Err(NetworkInitError::Overlap { subnet, other });
+            }
+        }
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        if sandbox_runtime::net::link::set_ip_forward()? {
+            tracing::info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1) for sandbox egress");
+        }
+        sandbox_runtime::net::link::ensure_bridge(&cfg.bridge, gateway, subnet.prefix_len())
+            .await?;
+        let dns = if cfg.dns.is_empty() {
+            host_resolvers()
+        } else {
+            cfg.dns.clone()
+        };
+        if dns.is_empty() {
+            tracing::warn!("no nameserver for sandboxes: the host has none reachable from a sandbox; set [network] dns");
+        }
+        let state_path = state_dir.join("network.json");
+        let persisted: Persisted = sandbox_runtime::spec::read_json(&state_path)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Ok(Some(Self {
+            plan: NetPlan {
+                table: cfg.nft_table.clone(),
+                bridge: cfg.bridge.clone(),
+                subnet,
+                gateway,
+            },
+            cfg: cfg.clone(),
+            fw,
+            gateway,
+            dns,
+            state: StdMutex::new(State {
+                cursor: persisted.cursor,
+                ..State::default()
+            }),
+            state_path,
+        }))
+    }
+
+    /// The nameservers sandboxes get.
+    pub fn dns(&self) -> &[Ipv4Addr] {
+        &self.dns
+    }
+
+    /// The gateway (the bridge's address).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+
+    /// Prefix length of the subnet.
+    pub fn prefix_len(&self) -> u8 {
+        self.cfg.subnet.prefix_len()
+    }
+
+    /// Reserves the next free address and a veth name.
+    pub fn lease(&self) -> Result<Lease, ApiError> {
+        let subnet = self.cfg.subnet;
+        let base = u32::from(subnet.network());
+        // Network address, gateway (+1) and broadcast are never handed out.
+        let count = (1u64 << (32 - subnet.prefix_len())) as u32 - 3;
+        let mut st = lock(&self.state);
+        for step in 1..=count {
+            let idx = (st.cursor.wrapping_add(step)) % count;
+            let addr = Ipv4Addr::from(base + 2 + idx);
+            if st.used.insert(addr) {
+                st.cursor = idx;
+                let _ = sandbox_runtime::spec::write_json_replace(
+                    &self.state_path,
+                    &Persisted { cursor: idx },
+                );
+                let host_if = format!("{}{:08x}", self.cfg.veth_prefix, random_u32());
+                return Ok(Lease {
+                    address: addr,
+                    host_if,
+                });
+            }
+        }
+        Err(ApiError::new(
+            ErrorCode::ResourceExhausted,
+            format!(
+                "every address of the sandbox subnet {} is in use; remove sandboxes or configure a larger [network] subnet",
+                subnet
+            ),
+        )
+        .with_details(serde_json::json!({"resource": "addresses"})))
+    }
+
+    /// The same address with a fresh veth name.
+    pub fn renamed(&self, address: &Ipv4Addr) -> Lease {
+        Lease {
+            address: *address,
+            host_if: format!("{}{:08x}", self.cfg.veth_prefix, random_u32()),
+        }
+    }
+
+    /// Returns an address that was leased but never activated (a pooled supervisor that went away, a
+    /// failed create).
+    pub fn unlease(&self, lease: &Lease) {
+        lock(&self.state).used.remove(&lease.address);
+    }
+
+    /// What the supervisor needs to make the sandbox's link.
+    pub fn attach(&self, lease: &Lease) -> NetAttach {
+        NetAttach {
+            bridge: self.cfg.bridge.clone(),
+            host_if: lease.host_if.clone(),
+            address: lease.address,
+            prefix_len: self.cfg.subnet.prefix_len(),
+            gateway: self.gateway,
+        }
+    }
+
+    /// Binds the published ports and adds the sandbox's firewall elements (before its init runs). On error
+    /// nothing stays bound or added.
+    pub fn activate(
+        &self,
+        id: &str,
+        lease: &Lease,
+        policy: &Policy,
+    ) -> Result<NetRecord, ApiError> {
+        let mut ports = Vec::new();
+        let mut published = Vec::new();
+        let mut exposed = Vec::new();
+        for (i, (proto, port, host_ip, host_port)) in policy.services.iter().enumerate() {
+            let (ph, bound) = bind_placeholder(*proto, *host_ip, *host_port).map_err(|e| {
+                match e.raw_os_error() {
+                    Some(libc::EADDRINUSE) => ApiError::new(
+                        ErrorCode::PortInUse,
+                        format!("{host_ip}:{host_port}/{proto} is already in use on this host"),
+                    )
+                    .with_details(serde_json::json!({"field": format!("services[{i}].host_port"), "host_ip": host_ip.to_string(), "host_port": host_port})),
+                    Some(libc::EADDRNOTAVAIL) => ApiError::invalid_argument(
+                        format!("services[{i}].host_ip"),
+                        format!("{host_ip} is not an address of this host"),
+                    ),
+                    Some(libc::EACCES) => ApiError::invalid_argument(
+                        format!("services[{i}].host_port"),
+                        format!("binding {host_ip}:{host_port}/{proto}: {e}"),
+                    ),
+                    _ => ApiError::new(
+                        ErrorCode::NetworkError,
+                        format!("binding {host_ip}:{host_port}/{proto}: {e}"),
+                    ),
+                }
+            })?;
+            ports.push(ph);
+            published.push(Published {
+                host_ip: *host_ip,
+                host_port: bound,
+                proto: *proto,
+                port: *port,
+            });
+            exposed.push(ExposedPort {
+                port: *port,
+                protocol: proto.to_string(),
+                host_ip: host_ip.to_string(),
+                host_port: bound,
+            });
+        }
+        let rules = SandboxRules {
+            address: lease.address,
+            host_if: lease.host_if.clone(),
+            egress: policy.egress.clone(),
+            ingress_open: !policy.options.deny_ingress,
+            published,
+        };
+        let mut st = lock(&self.state);
+        if st.installed {
+            self.fw.add_sandbox(&self.plan, &rules).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::NetworkError,
+                    format!("adding the sandbox's firewall rules: {e}"),
+                )
+            })?;
+        }
+        st.used.insert(lease.address);
+        st.active.insert(
+            id.to_owned(),
+            Active {
+                rules,
+                _ports: ports,
+            },
+        );
+        Ok(NetRecord {
+            address: lease.address,
+            host_if: lease.host_if.clone(),
+            policy: policy.options.clone(),
+            exposed,
+            gateway: self.gateway,
+            dns: self.dns.clone(),
+        })
+    }
+
+    /// Takes a recovered (still running) sandbox back: its address stays used, its ports bound again, its
+    /// rules go into the table at [`Network::install`].
+    pub fn adopt(&self, id: &str, rec: &NetRecord) {
+        let policy = match validate(Some(&rec.policy), &[], self.cfg.publish_host_ip) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(%id, "the recorded network policy no longer validates: {e}");
+                return;
+            }
+        };
+        let mut ports = Vec::new();
+        let mut published = Vec::new();
+        for x in &rec.exposed {
+            let proto = if x.protocol == "udp" {
+                Proto::Udp
+            } else {
+                Proto::Tcp
+            };
+            let Ok(ip) = x.host_ip.parse::<Ipv4Addr>() else {
+                continue;
+            };
+            match bind_placeholder(proto, ip, x.host_port) {
+                Ok((ph, _)) => ports.push(ph),
+                Err(e) => {
+                    tracing::warn!(%id, "holding published port {ip}:{}/{proto} again: {e}", x.host_port)
+                }
+            }
+            published.push(Published {
+                host_ip: ip,
+                host_port: x.host_port,
+                proto,
+                port: x.port,
+            });
+        }
+        let mut st = lock(&self.state);
+        st.used.insert(rec.address);
+        st.active.insert(
+            id.to_owned(),
+            Active {
+                rules: SandboxRules {
+                    address: rec.address,
+                    host_if: rec.host_if.clone(),
+                    egress: policy.egress,
+                    ingress_open: !rec.policy.deny_ingress,
+                    published,
+                },
+                _ports: ports,
+            },
+        );
+    }
+
+    /// Replaces the table with one holding the active sandboxes' rules (one atomic transaction), removes
+    /// bridge ports no active sandbox owns (a crashed daemon's pooled supervisors), and from now on applies
+    /// changes to the table directly.
+    pub async fn install(&self) -> Result<(), ApiError> {
+        let keep: HashSet<String> = {
+            let mut st = lock(&self.state);
+            let rules: Vec<SandboxRules> = st.active.values().map(|a| a.rules.clone()).collect();
+            self.fw.install(&self.plan, &rules).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::NetworkError,
+                    format!("installing the firewall table: {e}"),
+                )
+            })?;
+            st.installed = true;
+            st.active
+                .values()
+                .map(|a| a.rules.host_if.clone())
+                .collect()
+        };
+        if let Ok(ports) = sandbox_runtime::net::link::bridge_ports(&self.cfg.bridge).await {
+            for p in ports {
+                if p.starts_with(&self.cfg.veth_prefix)
+                    && !keep.contains(&p)
+                    && !self.is_leased_if(&p)
+                {
+                    tracing::info!(link = %p, "removing a stale sandbox link");
+                    let _ = sandbox_runtime::net::link::delete_link(&p).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_leased_if(&self, _name: &str) -> bool {
+        // Pooled supervisors are started after `install`; their links are new.
+        false
+    }
+
+    /// Removes a sandbox's rules, releases its ports and its address (at its end, or when its creation
+    /// failed after `activate`).
+    pub fn release(&self, id: &str) {
+        let mut st = lock(&self.state);
+        if let Some(a) = st.active.remove(id) {
+            if st.installed {
+                if let Err(e) = self.fw.remove_sandbox(&self.plan, &a.rules) {
+                    tracing::warn!(%id, "removing the sandbox's firewall rules: {e}");
+                }
+            }
+            st.used.remove(&a.rules.address);
+        }
+    }
+
+    /// Whether any sandbox still has network state.
+    pub fn idle(&self) -> bool {
+        lock(&self.state).active.is_empty()
+    }
+
+    /// At a clean stop with no sandbox left: removes the table and the bridge.
+    pub async fn teardown(&self) {
+        if !self.idle() {
+            return;
+        }
+        if let Err(e) = self.fw.remove_table(&self.plan.table) {
+            tracing::warn!("removing the firewall table: {e}");
+        }
+        if let Err(e) = sandbox_runtime::net::link::delete_link(&self.cfg.bridge).await {
+            tracing::warn!("removing the bridge: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandbox_proto::EgressRule;
+
+    fn svc(port: u32) -> ServiceSpec {
+        ServiceSpec {
+            port,
+            ..ServiceSpec::default()
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let lo = Ipv4Addr::LOCALHOST;
+        let bad = |opts: NetworkOptions, services: Vec<ServiceSpec>, field: &str| {
+            let e = validate(Some(&opts), &services, lo).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidArgument, "{e:?}");
+            assert_eq!(e.details.unwrap()["field"], field);
+        };
+        let rule = |cidr: &str, proto: Option<&str>, ports: Vec<u32>| EgressRule {
+            cidr: Some(cidr.into()),
+            protocol: proto.map(Into::into),
+            ports,
+            ..EgressRule::default()
+        };
+        let with = |rules: Vec<EgressRule>| NetworkOptions {
+            egress: rules,
+            ..NetworkOptions::default()
+        };
+        bad(
+            with(vec![rule("10.0.0.0/33", None, vec![])]),
+            vec![],
+            "network.egress[0].cidr",
+        );
+        bad(
+            with(vec![rule("10.0.0.1/8", None, vec![])]),
+            vec![],
+            "network.egress[0].cidr",
+        );
+        bad(
+            with(vec![rule("nonsense", None, vec![])]),
+            vec![],
+            "network.egress[0].cidr",
+        );
+        bad(
+            with(vec![
+                rule("10.0.0.0/8", None, vec![]),
+                rule("10.0.0.0/8", Some("icmp"), vec![]),
+            ]),
+            vec![],
+            "network.egress[1].protocol",
+        );
+        bad(
+            with(vec![rule("10.0.0.0/8", None, vec![70000])]),
+            vec![],
+            "network.egress[0].ports[0]",
+        );
+        bad(
+            with(vec![rule("10.0.0.0/8", None, vec![0])]),
+            vec![],
+            "network.egress[0].ports[0]",
+        );
+        bad(NetworkOptions::default(), vec![svc(0)], "services[0].port");
+        bad(
+            NetworkOptions::default(),
+            vec![svc(80), svc(80)],
+            "services[1].port",
+        );
+        bad(
+            NetworkOptions::default(),
+            vec![ServiceSpec {
+                port: 80,
+                protocol: Some("sctp".into()),
+                ..ServiceSpec::default()
+            }],
+            "services[0].protocol",
+        );
+        bad(
+            NetworkOptions::default(),
+            vec![ServiceSpec {
+                port: 80,
+                host_ip: Some("0.0.0.0".into()),
+                ..ServiceSpec::default()
+            }],
+            "services[0].host_ip",
+        );
+        let p = validate(
+            Some(&with(vec![rule("192.0.2.7", Some("TCP"), vec![443, 80])])),
+            &[svc(8000)],
+            lo,
+        )
+        .unwrap();
+        match p.egress {
+            Egress::Allow(r) => {
+                assert_eq!(r.len(), 2);
+                assert_eq!(r[0].net.to_string(), "192.0.2.7/32");
+                assert_eq!(r[0].ports, Some((443, 443)));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(p.services, vec![(Proto::Tcp, 8000, lo, 0)]);
+        let any = validate(Some(&with(vec![rule("10.0.0.0/8", None, vec![])])), &[], lo).unwrap();
+        match any.egress {
+            Egress::Allow(r) => assert_eq!(r.len(), 2, "tcp and udp"),
+            other => panic!("{other:?}"),
+        }
+        let deny = NetworkOptions {
+            deny_egress: true,
+            ..NetworkOptions::default()
+        };
+        assert!(matches!(
+            validate(Some(&deny), &[], lo).unwrap().egress,
+            Egress::Deny
+        ));
+    }
+}
