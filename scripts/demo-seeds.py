@@ -50,7 +50,11 @@ def main() -> int:
             if seed is not seeds.SEED_IMAGE_315:
                 failed += 1
     print("\n\033[1m== run-commands: pip install torch\033[0m")
-    print("skipped: sandboxes have no egress yet (networking comes with a later issue)")
+    print(
+        "skipped here: sandboxes have egress, but the real torch is a multi-hundred-MB download (with its\n"
+        "dependencies, gigabytes). The test suite runs this snippet verbatim against a stand-in package index\n"
+        "in its outside world (tests/src/outside_world.py: a tiny `torch` 2.99.0 wheel), through the daemon's NAT."
+    )
     # What the snippets leave running on purpose (a sandbox without `with`) is removed here.
     for sb in Sandbox.list(tags=[TAG]).result():
         Sandbox.delete(sb.sandbox_id, missing_ok=True)

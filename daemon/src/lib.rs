@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod dns;
 pub mod error;
 mod exec_stream;
 pub mod files;

@@ -993,12 +993,14 @@ impl Manager {
                         return Err(e);
                     }
                 };
+                // The sandbox's own nameservers (the gateway's DNS forwarder with dns_name rules).
+                let dns = netrec.dns.iter().map(ToString::to_string).collect();
                 entry.update(|r| r.net = Some(netrec));
                 Some(sandbox_runtime::spec::SandboxNetSpec {
                     address: lease.address,
                     prefix_len: net.prefix_len(),
                     gateway: net.gateway(),
-                    dns: net.dns().iter().map(ToString::to_string).collect(),
+                    dns,
                     dns_search: self.cfg.network.dns_search.clone(),
                 })
             }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex as StdMutex;
+use std::sync::{Arc, Mutex as StdMutex};
 
 use ipnet::Ipv4Net;
 use sandbox_proto::{ApiError, ErrorCode, ExposedPort, NetworkInfo, NetworkOptions, ServiceSpec};
@@ -20,6 +20,10 @@ use sandbox_runtime::net::NetAttach;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{NetworkConfig, NetworkMode};
+use crate::dns::{DnsClients, DnsRule, Forwarder, NamePattern};
+
+/// Most `dns_name` rules one sandbox may have.
+pub const MAX_DNS_NAMES: usize = 64;
 
 /// Errors setting up the daemon's networking at start.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,8 @@ pub struct Policy {
     /// As given, defaults filled in (recorded and shown).
     pub options: NetworkOptions,
     egress: Egress,
+    /// The `dns_name` rules (served by the DNS forwarder).
+    dns: Vec<DnsRule>,
     services: Vec<(Proto, u16, Ipv4Addr, u16)>,
 }
 
@@ -115,6 +121,8 @@ struct Persisted {
 #[derive(Debug)]
 struct Active {
     rules: SandboxRules,
+    /// Served by the DNS forwarder.
+    dns: bool,
     _ports: Vec<Placeholder>,
 }
 
@@ -132,9 +140,13 @@ struct State {
 pub struct Network {
     cfg: NetworkConfig,
     plan: NetPlan,
-    fw: Firewall,
+    fw: Arc<Firewall>,
     gateway: Ipv4Addr,
     dns: Vec<Ipv4Addr>,
+    /// The sandboxes with `dns_name` rules, as the DNS forwarder knows them.
+    dns_clients: Arc<DnsClients>,
+    /// The DNS forwarder listens on the gateway.
+    forwarding: bool,
     state: StdMutex<State>,
     state_path: PathBuf,
 }
@@ -158,6 +170,12 @@ fn random_u32() -> u32 {
 /// The host's nameservers usable from a sandbox: IPv4, not loopback (a stub resolver on the host's
 /// loopback is out of a sandbox's reach; systemd-resolved's upstream list is used then, as Docker does).
 fn host_resolvers() -> Vec<Ipv4Addr> {
+    resolvers_in(false)
+}
+
+/// The host's IPv4 nameservers, loopback ones too when `loopback` (the DNS forwarder runs in the host's
+/// network namespace, where a stub resolver on 127.0.0.53 works).
+fn resolvers_in(loopback: bool) -> Vec<Ipv4Addr> {
     let parse = |p: &str| -> Vec<Ipv4Addr> {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -169,7 +187,7 @@ fn host_resolvers() -> Vec<Ipv4Addr> {
                     .flatten()
                     .and_then(|a| a.parse::<Ipv4Addr>().ok())
             })
-            .filter(|a| !a.is_loopback() && !a.is_unspecified())
+            .filter(|a| (loopback || !a.is_loopback()) && !a.is_unspecified())
             .collect()
     };
     let v = parse("/etc/resolv.conf");
@@ -235,9 +253,10 @@ pub fn validate(
     services: &[ServiceSpec],
     publish_host_ip: Ipv4Addr,
 ) -> Result<Policy, ApiError> {
-    let options = opts.cloned().unwrap_or_default();
+    let mut options = opts.cloned().unwrap_or_default();
     let mut allow = Vec::new();
-    for (i, r) in options.egress.iter().enumerate() {
+    let mut dns = Vec::new();
+    for (i, r) in options.egress.iter_mut().enumerate() {
         let f = |name: &str| format!("network.egress[{i}].{name}");
         let protos = match proto_of(&f("protocol"), r.protocol.as_deref())? {
             Some(p) => vec![p],
@@ -278,12 +297,27 @@ pub fn validate(
                 }
             }
             (None, Some(name)) => {
-                return Err(ApiError::invalid_argument(
-                    f("dns_name"),
-                    format!(
-                        "egress rules by DNS name ({name:?}) are not supported by this daemon yet; use a cidr"
-                    ),
-                ));
+                let pattern = NamePattern::parse(name).map_err(|e| {
+                    ApiError::invalid_argument(
+                        f("dns_name"),
+                        format!(
+                            "invalid DNS name {name:?}: {e} (a host name, or *. and a host name)"
+                        ),
+                    )
+                })?;
+                if dns.len() == MAX_DNS_NAMES {
+                    return Err(ApiError::invalid_argument(
+                        f("dns_name"),
+                        format!("at most {MAX_DNS_NAMES} DNS names per sandbox"),
+                    ));
+                }
+                // Recorded and shown as matched: lower case, without the final dot.
+                r.dns_name = Some(pattern.to_string());
+                dns.push(DnsRule {
+                    pattern,
+                    protos: protos.clone(),
+                    ports: ports.clone(),
+                });
             }
             _ => {
                 return Err(ApiError::invalid_argument(
@@ -348,6 +382,7 @@ pub fn validate(
     Ok(Policy {
         options,
         egress,
+        dns,
         services: out,
     })
 }
@@ -402,22 +437,49 @@ impl Network {
         if dns.is_empty() {
             tracing::warn!("no nameserver for sandboxes: the host has none reachable from a sandbox; set [network] dns");
         }
+        let fw = Arc::new(fw);
+        let plan = NetPlan {
+            table: cfg.nft_table.clone(),
+            bridge: cfg.bridge.clone(),
+            subnet,
+            gateway,
+        };
+        // The DNS forwarder (for `dns_name` rules) on the gateway, now that the bridge has the address.
+        let upstreams = if dns.is_empty() {
+            resolvers_in(true)
+        } else {
+            dns.clone()
+        };
+        let dns_clients = Arc::new(DnsClients::default());
+        let forwarder = Arc::new(Forwarder::new(
+            dns_clients.clone(),
+            fw.clone(),
+            plan.clone(),
+            &upstreams,
+        ));
+        let forwarding = match forwarder.serve(gateway).await {
+            Ok(()) => {
+                tracing::info!(address = %gateway, upstreams = ?upstreams, "DNS forwarder for dns_name egress rules listening on port 53");
+                true
+            }
+            Err(e) => {
+                tracing::warn!("the DNS forwarder cannot listen on {gateway}:53 ({e}): egress rules by dns_name are refused");
+                false
+            }
+        };
         let state_path = state_dir.join("network.json");
         let persisted: Persisted = sandbox_runtime::spec::read_json(&state_path)
             .ok()
             .flatten()
             .unwrap_or_default();
         Ok(Some(Self {
-            plan: NetPlan {
-                table: cfg.nft_table.clone(),
-                bridge: cfg.bridge.clone(),
-                subnet,
-                gateway,
-            },
+            plan,
             cfg: cfg.clone(),
             fw,
             gateway,
             dns,
+            dns_clients,
+            forwarding,
             state: StdMutex::new(State {
                 cursor: persisted.cursor,
                 ..State::default()
@@ -426,7 +488,8 @@ impl Network {
         }))
     }
 
-    /// The nameservers sandboxes get.
+    /// The nameservers sandboxes get (those with `dns_name` rules get the gateway instead: see
+    /// [`NetRecord::dns`]).
     pub fn dns(&self) -> &[Ipv4Addr] {
         &self.dns
     }
@@ -507,6 +570,15 @@ impl Network {
         lease: &Lease,
         policy: &Policy,
     ) -> Result<NetRecord, ApiError> {
+        if !policy.dns.is_empty() && !self.forwarding {
+            return Err(ApiError::new(
+                ErrorCode::NetworkError,
+                format!(
+                    "egress rules by dns_name need the daemon's DNS forwarder, which could not listen on {}:53 (see the daemon's log)",
+                    self.gateway
+                ),
+            ));
+        }
         let mut ports = Vec::new();
         let mut published = Vec::new();
         let mut exposed = Vec::new();
@@ -563,10 +635,13 @@ impl Network {
             })?;
         }
         st.used.insert(lease.address);
+        let dns = !policy.dns.is_empty();
+        self.dns_clients.set(lease.address, policy.dns.clone());
         st.active.insert(
             id.to_owned(),
             Active {
                 rules,
+                dns,
                 _ports: ports,
             },
         );
@@ -576,7 +651,12 @@ impl Network {
             policy: policy.options.clone(),
             exposed,
             gateway: self.gateway,
-            dns: self.dns.clone(),
+            // Names go through the forwarder (which alone knows what the sandbox may resolve).
+            dns: if dns {
+                vec![self.gateway]
+            } else {
+                self.dns.clone()
+            },
         })
     }
 
@@ -616,9 +696,12 @@ impl Network {
         }
         let mut st = lock(&self.state);
         st.used.insert(rec.address);
+        let dns = !policy.dns.is_empty();
+        self.dns_clients.set(rec.address, policy.dns);
         st.active.insert(
             id.to_owned(),
             Active {
+                dns,
                 rules: SandboxRules {
                     address: rec.address,
                     host_if: rec.host_if.clone(),
@@ -645,6 +728,8 @@ impl Network {
                 )
             })?;
             st.installed = true;
+            // The new table's DNS sets are empty: sandboxes open their destinations again by resolving.
+            self.dns_clients.forget_grants();
             st.active
                 .values()
                 .map(|a| a.rules.host_if.clone())
@@ -674,6 +759,16 @@ impl Network {
     pub fn release(&self, id: &str) {
         let mut st = lock(&self.state);
         if let Some(a) = st.active.remove(id) {
+            if a.dns {
+                let installed = st.installed;
+                self.dns_clients.remove(a.rules.address, |grants| {
+                    if installed {
+                        if let Err(e) = self.fw.remove_dns_grants(&self.plan, grants) {
+                            tracing::warn!(%id, "closing the destinations the DNS forwarder opened: {e}");
+                        }
+                    }
+                });
+            }
             if st.installed {
                 if let Err(e) = self.fw.remove_sandbox(&self.plan, &a.rules) {
                     tracing::warn!(%id, "removing the sandbox's firewall rules: {e}");
@@ -809,6 +904,54 @@ mod tests {
             Egress::Allow(r) => assert_eq!(r.len(), 2, "tcp and udp"),
             other => panic!("{other:?}"),
         }
+        // DNS names: checked, normalised, at most 64.
+        let name = |n: &str| EgressRule {
+            dns_name: Some(n.into()),
+            ..EgressRule::default()
+        };
+        bad(
+            with(vec![name("a..b")]),
+            vec![],
+            "network.egress[0].dns_name",
+        );
+        bad(
+            with(vec![rule("10.0.0.0/8", None, vec![]), name("*")]),
+            vec![],
+            "network.egress[1].dns_name",
+        );
+        bad(
+            with((0..65).map(|i| name(&format!("n{i}.org"))).collect()),
+            vec![],
+            "network.egress[64].dns_name",
+        );
+        let both = EgressRule {
+            cidr: Some("10.0.0.0/8".into()),
+            ..name("a.org")
+        };
+        bad(with(vec![both]), vec![], "network.egress[0]");
+        let p = validate(
+            Some(&with(vec![
+                name("Example.ORG."),
+                EgressRule {
+                    ports: vec![443],
+                    protocol: Some("tcp".into()),
+                    ..name("*.cdn.example.net")
+                },
+            ])),
+            &[],
+            lo,
+        )
+        .unwrap();
+        assert_eq!(p.options.egress[0].dns_name.as_deref(), Some("example.org"));
+        assert!(matches!(&p.egress, Egress::Allow(r) if r.is_empty()));
+        assert_eq!(p.dns.len(), 2);
+        assert_eq!(p.dns[0].protos, [Proto::Tcp, Proto::Udp]);
+        assert!(p.dns[0].ports.is_empty());
+        assert_eq!(
+            (p.dns[1].protos.as_slice(), p.dns[1].ports.as_slice()),
+            (&[Proto::Tcp][..], &[443][..])
+        );
+        assert!(p.dns[1].pattern.matches("a.cdn.example.net"));
         let deny = NetworkOptions {
             deny_egress: true,
             ..NetworkOptions::default()

@@ -546,7 +546,9 @@ impl DaemonNetwork {
 /// route back to any sandbox subnet: only the daemon's masquerade lets answers return.
 ///
 /// Services (a python3 stdlib script, `outside_world.py`, one process):
-/// - HTTP on `a:8080`, `a:8081`, `b:8080` and `169.254.169.254:80`, answering `CLIENT_IP SERVER_IP:PORT`;
+/// - HTTP on `a:8080`, `a:8081`, `b:8080` and `169.254.169.254:80`, answering `CLIENT_IP SERVER_IP:PORT`,
+///   except under `/simple/` and `/packages/`: a PEP 503 package index with one project, a tiny stand-in
+///   for `torch` (version 2.99.0, not PyTorch) built by the script ([`OutsideWorld::pip_index`]);
 /// - UDP on `a:5353`: DNS answers to DNS queries, else an echo;
 /// - DNS on `dns:53/udp`: [`ALLOWED_NAME`] → `a`, [`DENIED_NAME`] → `b`, NXDOMAIN otherwise.
 ///
@@ -726,6 +728,12 @@ impl OutsideWorld {
                 fs::read_to_string(&stderr_path).unwrap_or_default()
             ),
         }
+    }
+
+    /// The URL of the stand-in package index (`PIP_INDEX_URL`): `http://<a>:8080/simple/`, whose only
+    /// project is a tiny stand-in for `torch` (2.99.0, a pure-Python wheel that is not PyTorch).
+    pub fn pip_index(&self) -> String {
+        format!("http://{}:8080/simple/", self.a)
     }
 
     /// The nameservers to configure a daemon with (`dns`).

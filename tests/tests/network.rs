@@ -431,8 +431,40 @@ fn an_allow_list_lets_only_its_destinations_through() {
     assert!(out.contains("denied-as-expected"), "{out}");
 }
 
+/// An egress rule by DNS name.
+fn dns_rule(name: &str, ports: Vec<u32>, protocol: Option<&str>) -> EgressRule {
+    EgressRule {
+        dns_name: Some(name.into()),
+        ports,
+        protocol: protocol.map(Into::into),
+        ..EgressRule::default()
+    }
+}
+
+/// The nameservers of a sandbox's resolv.conf.
+fn nameservers(c: &sandbox_tests::sandbox_proto::client::BlockingClient, id: &str) -> Vec<String> {
+    sh(c, id, "cat /etc/resolv.conf")
+        .lines()
+        .filter_map(|l| l.strip_prefix("nameserver "))
+        .map(|a| a.trim().to_owned())
+        .collect()
+}
+
+/// The response code of a DNS answer.
+fn rcode(answer: &[u8]) -> u8 {
+    answer[3] & 0x0f
+}
+
+/// Elements of the daemon's DNS timeout sets.
+fn dns_elements(table: &str) -> usize {
+    nft_element_counts(table)
+        .into_iter()
+        .filter(|(set, _)| set.starts_with("egress_dns"))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 #[test]
-#[ignore = "DNS allow-list: next session"]
 fn a_dns_allow_list_opens_what_the_name_resolves_to_and_nothing_else() {
     let world = OutsideWorld::start();
     let d = world.daemon(None);
@@ -443,22 +475,61 @@ fn a_dns_allow_list_opens_what_the_name_resolves_to_and_nothing_else() {
         &with_network(
             "net-dns-allow",
             NetworkOptions {
-                egress: vec![EgressRule {
-                    dns_name: Some(ALLOWED_NAME.into()),
-                    ..EgressRule::default()
-                }],
+                egress: vec![dns_rule(ALLOWED_NAME, vec![], None)],
                 ..NetworkOptions::default()
             },
         ),
     );
+    // Its resolver is the daemon's forwarder on the gateway.
+    let gw = gateway_of(&sb);
+    assert_eq!(
+        sb.network.as_ref().expect("network").dns,
+        [gw.to_string()],
+        "{sb:?}"
+    );
+    assert_eq!(nameservers(&c, &sb.id), [gw.to_string()]);
     // Before it was resolved, A is not reachable.
     wget_blocked(&c, &sb.id, &url(world.a, 8080));
+    assert_eq!(dns_elements(&d.network.nft_table), 0);
     let out = nslookup(&c, &sb.id, ALLOWED_NAME, None, SUCCESS_BOUND_SECS)
         .unwrap_or_else(|e| panic!("{ALLOWED_NAME} is allowed: {e}"));
     assert!(out.contains(&world.a.to_string()), "{out}");
     let body = wget_ok(&c, &sb.id, &format!("http://{ALLOWED_NAME}:8080/"));
     assert_eq!(client_of(&body), world.host_addr.to_string());
+    // A rule without ports opens every port (tcp and udp) of the address.
     wget_ok(&c, &sb.id, &url(world.a, 8081));
+    let udp_server = format!("{}:5353", world.a);
+    nslookup(
+        &c,
+        &sb.id,
+        DENIED_NAME,
+        Some(&udp_server),
+        SUCCESS_BOUND_SECS,
+    )
+    .unwrap_or_else(|e| panic!("udp to {udp_server}: {e}"));
+    assert!(dns_elements(&d.network.nft_table) > 0);
+    // By tcp too (busybox `nc` with a length-prefixed query): the answer ends with A's address.
+    let q = dns_query(ALLOWED_NAME);
+    let framed: String = (q.len() as u16)
+        .to_be_bytes()
+        .iter()
+        .chain(&q)
+        .map(|b| format!("\\{b:03o}"))
+        .collect();
+    let out = sh(
+        &c,
+        &sb.id,
+        &format!(
+            "printf '{framed}' | timeout -s KILL {SUCCESS_BOUND_SECS} nc {gw} 53 | od -An -tu1 -v"
+        ),
+    );
+    let bytes: Vec<u8> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(bytes.len() > 16, "{out}");
+    assert_eq!(bytes[bytes.len() - 4..], world.a.octets(), "{out}");
+    assert_eq!(bytes[2..4], [0x5a, 0x5a], "{out}");
     // The other name is refused and its address stays closed.
     assert!(nslookup(&c, &sb.id, DENIED_NAME, None, BLOCKED_BOUND_SECS).is_err());
     wget_blocked(&c, &sb.id, &format!("http://{DENIED_NAME}:8080/"));
@@ -467,10 +538,185 @@ fn a_dns_allow_list_opens_what_the_name_resolves_to_and_nothing_else() {
     let direct = format!("{}:53", world.dns);
     assert!(nslookup(&c, &sb.id, ALLOWED_NAME, Some(&direct), BLOCKED_BOUND_SECS).is_err());
     let log = world.sync_log();
-    assert!(!log.iter().any(|l| l.contains(DENIED_NAME)), "{log:#?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.contains(DENIED_NAME) && l.contains(&format!(" {}:53 ", world.dns))),
+        "{log:#?}"
+    );
     assert!(
         !log.iter().any(|l| l.contains(&format!(" {}:", world.b))),
         "{log:#?}"
+    );
+    // The resolver saw the forwarder's queries (from the host), never one from the sandbox itself.
+    assert!(
+        log.iter()
+            .filter(|l| l.contains(&format!(" {}:53 ", world.dns)))
+            .all(|l| log_client(l) == world.host_addr.to_string()),
+        "{log:#?}"
+    );
+
+    // Removing the sandbox closes what its names opened.
+    c.delete(&sb.id, true).expect("delete");
+    assert_eq!(dns_elements(&d.network.nft_table), 0);
+}
+
+#[test]
+fn dns_rules_keep_their_ports_and_wildcards_match_names_below() {
+    let world = OutsideWorld::start();
+    let d = world.daemon(None);
+    d.import_busybox();
+    let c = d.client();
+    // `*.test` (both names of the world) on tcp 8080 only, plus a cidr rule for A's udp 5353.
+    let sb = create(
+        &c,
+        &with_network(
+            "net-dns-ports",
+            NetworkOptions {
+                egress: vec![
+                    dns_rule("*.TEST.", vec![8080], Some("tcp")),
+                    EgressRule {
+                        cidr: Some(format!("{}/32", world.a)),
+                        ports: vec![5353],
+                        protocol: Some("udp".into()),
+                        ..EgressRule::default()
+                    },
+                ],
+                ..NetworkOptions::default()
+            },
+        ),
+    );
+    // Recorded as matched: lower case, no final dot.
+    assert_eq!(
+        sb.network.as_ref().expect("network").policy.egress[0]
+            .dns_name
+            .as_deref(),
+        Some("*.test")
+    );
+    for (name, addr) in [(ALLOWED_NAME, world.a), (DENIED_NAME, world.b)] {
+        let out = nslookup(&c, &sb.id, name, None, SUCCESS_BOUND_SECS)
+            .unwrap_or_else(|e| panic!("{name} is below *.test: {e}"));
+        assert!(out.contains(&addr.to_string()), "{out}");
+        wget_ok(&c, &sb.id, &format!("http://{name}:8080/"));
+        // Another port of the same address stays closed.
+        wget_blocked(&c, &sb.id, &url(addr, 8081));
+    }
+    // The name `test` itself is not below `*.test`; the cidr rule works next to the names.
+    assert!(nslookup(&c, &sb.id, "test", None, BLOCKED_BOUND_SECS).is_err());
+    nslookup(
+        &c,
+        &sb.id,
+        ALLOWED_NAME,
+        Some(&format!("{}:5353", world.a)),
+        SUCCESS_BOUND_SECS,
+    )
+    .expect("udp to A:5353 is in the cidr rule");
+    let log = world.sync_log();
+    assert!(!log.iter().any(|l| l.contains(":8081 ")), "{log:#?}");
+}
+
+#[test]
+fn after_a_daemon_restart_dns_rule_sandboxes_resolve_again() {
+    let world = OutsideWorld::start();
+    let mut d = world.daemon(None);
+    d.import_busybox();
+    let c = d.client();
+    let sb = create(
+        &c,
+        &with_network(
+            "net-dns-restart",
+            NetworkOptions {
+                egress: vec![dns_rule(ALLOWED_NAME, vec![8080], Some("tcp"))],
+                ..NetworkOptions::default()
+            },
+        ),
+    );
+    nslookup(&c, &sb.id, ALLOWED_NAME, None, SUCCESS_BOUND_SECS).expect("allowed");
+    wget_ok(&c, &sb.id, &url(world.a, 8080));
+    d.kill9();
+    d.restart();
+    let c = d.client();
+    // The table was replaced: what the name opened is closed until the sandbox resolves it again.
+    assert_eq!(dns_elements(&d.network.nft_table), 0);
+    wget_blocked(&c, &sb.id, &url(world.a, 8080));
+    assert!(nslookup(&c, &sb.id, DENIED_NAME, None, BLOCKED_BOUND_SECS).is_err());
+    let out = nslookup(&c, &sb.id, ALLOWED_NAME, None, SUCCESS_BOUND_SECS)
+        .unwrap_or_else(|e| panic!("the restarted forwarder serves the recovered sandbox: {e}"));
+    assert!(out.contains(&world.a.to_string()), "{out}");
+    wget_ok(&c, &sb.id, &url(world.a, 8080));
+    wget_blocked(&c, &sb.id, &url(world.b, 8080));
+}
+
+#[test]
+fn sandboxes_without_dns_rules_get_nothing_from_the_forwarder() {
+    let world = OutsideWorld::start();
+    let d = world.daemon(None);
+    d.import_busybox();
+    let c = d.client();
+    let open = create(&c, &idle("net-dns-open"));
+    let cidr_only = create(
+        &c,
+        &with_network(
+            "net-dns-cidr",
+            NetworkOptions {
+                egress: vec![EgressRule {
+                    cidr: Some(format!("{}/32", world.dns)),
+                    ports: vec![53],
+                    protocol: Some("udp".into()),
+                    ..EgressRule::default()
+                }],
+                ..NetworkOptions::default()
+            },
+        ),
+    );
+    let gw = gateway_of(&open);
+    let forwarder = gw.to_string();
+    for sb in [&open, &cidr_only] {
+        // They keep the upstream resolver, and resolve through it as before.
+        assert_eq!(nameservers(&c, &sb.id), world.dns_servers());
+        let out = nslookup(&c, &sb.id, ALLOWED_NAME, None, SUCCESS_BOUND_SECS)
+            .unwrap_or_else(|e| panic!("{}: {e}", sb.id));
+        assert!(out.contains(&world.a.to_string()), "{out}");
+        // The forwarder answers them REFUSED.
+        let r = nslookup(
+            &c,
+            &sb.id,
+            ALLOWED_NAME,
+            Some(&forwarder),
+            SUCCESS_BOUND_SECS,
+        )
+        .expect_err("the forwarder refuses sandboxes without dns_name rules");
+        assert!(r.contains("REFUSED"), "{r}");
+    }
+    // The cidr-only sandbox gained nothing: A stays closed although its name was resolved.
+    wget_blocked(&c, &cidr_only.id, &url(world.a, 8080));
+    assert_eq!(dns_elements(&d.network.nft_table), 0);
+    wget_ok(&c, &open.id, &url(world.a, 8080));
+
+    // From the host (not a sandbox): REFUSED by udp and by tcp; garbage gets FORMERR or nothing.
+    let at = SocketAddr::from((gw, 53));
+    let bound = Duration::from_secs(SUCCESS_BOUND_SECS.into());
+    let answer = udp_roundtrip(at, &dns_query(ALLOWED_NAME), bound).expect("udp answer");
+    assert_eq!(
+        (answer[..2].to_vec(), rcode(&answer)),
+        (vec![0x5a, 0x5a], 5)
+    );
+    let mut garbage = dns_query(ALLOWED_NAME);
+    garbage.truncate(15);
+    let answer = udp_roundtrip(at, &garbage, bound).expect("udp answer");
+    assert_eq!(rcode(&answer), 1, "FORMERR");
+    let mut conn = TcpStream::connect_timeout(&at, bound).expect("tcp to the forwarder");
+    conn.set_read_timeout(Some(bound)).expect("timeout");
+    let q = dns_query(ALLOWED_NAME);
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    std::io::Write::write_all(&mut conn, &framed).expect("write");
+    let mut len = [0u8; 2];
+    std::io::Read::read_exact(&mut conn, &mut len).expect("length");
+    let mut answer = vec![0u8; u16::from_be_bytes(len).into()];
+    std::io::Read::read_exact(&mut conn, &mut answer).expect("answer");
+    assert_eq!(
+        (answer[..2].to_vec(), rcode(&answer)),
+        (vec![0x5a, 0x5a], 5)
     );
 }
 
@@ -945,6 +1191,50 @@ fn bad_network_input_is_refused_with_nothing_half_created() {
                 }]),
             ),
             "network.egress[0].ports",
+        ),
+        (
+            "dns name with a space",
+            with_network("x", egress(vec![dns_rule("a b.org", vec![], None)])),
+            "network.egress[0].dns_name",
+        ),
+        (
+            "dns name with a wildcard inside",
+            with_network(
+                "x",
+                egress(vec![ok_rule.clone(), dns_rule("a.*.org", vec![], None)]),
+            ),
+            "network.egress[1].dns_name",
+        ),
+        (
+            "dns name too long",
+            with_network(
+                "x",
+                egress(vec![dns_rule(&["abcdefghi"; 26].join("."), vec![], None)]),
+            ),
+            "network.egress[0].dns_name",
+        ),
+        (
+            "65 dns names",
+            with_network(
+                "x",
+                egress(
+                    (0..65)
+                        .map(|i| dns_rule(&format!("n{i}.example.org"), vec![], None))
+                        .collect(),
+                ),
+            ),
+            "network.egress[64].dns_name",
+        ),
+        (
+            "cidr and dns name in one rule",
+            with_network(
+                "x",
+                egress(vec![EgressRule {
+                    cidr: Some("10.0.0.0/8".into()),
+                    ..dns_rule("example.org", vec![], None)
+                }]),
+            ),
+            "network.egress[0]",
         ),
         (
             "rule with no destination",

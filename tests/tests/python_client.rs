@@ -1,20 +1,21 @@
 //! The Python client (`proto/python`, package `sandboxd`): its unittest suite (the seed pages' snippets
-//! and the API tests) run against a real daemon that pulls `python:3.11` through the test registry, and
-//! its installation into a fresh virtual environment, offline.
+//! and the API tests) run against a real daemon that pulls `python:3.11` through the test registry and
+//! whose sandboxes reach an [`OutsideWorld`] (the test's stand-in for the internet, with a stand-in package
+//! index for the seed's `pip install torch`), and its installation into a fresh virtual environment,
+//! offline.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sandbox_tests::{workspace_root, Daemon};
+use sandbox_tests::net::{NetSettings, OutsideWorld};
+use sandbox_tests::{test_registry, workspace_root, Daemon};
 
 /// The interpreter: `python3` from PATH.
 const PYTHON: &str = "python3";
 
 /// Skips the suite may report, each with the reason it must give.
 const ALLOWED_SKIPS: &[&str] = &[
-    // Needs egress to a package index: networking is a later issue.
-    "test_pip_install_torch",
     // Checks the snippets against the seed pages, when they are next to the repository.
     "test_snippets_are_verbatim",
 ];
@@ -34,7 +35,19 @@ fn show(what: &str, out: &Output) -> String {
 
 #[test]
 fn python_client_suite_passes_against_the_daemon() {
-    let d = Daemon::start_mirrored("");
+    // The sandboxes' DNS is the world's responder, and `SANDBOXD_TEST_PIP_INDEX` its package index: the
+    // seed's `pip install torch` installs the stand-in wheel through the daemon's NAT.
+    let world = OutsideWorld::start();
+    let d = Daemon::start_with_network(
+        NetSettings {
+            dns: world.dns_servers(),
+            ..NetSettings::default()
+        },
+        Some(&format!(
+            "[registries.\"docker.io\"]\nmirrors = [\"http://{}\"]\n",
+            test_registry()
+        )),
+    );
     let root = workspace_root();
     let mut cmd = Command::new(PYTHON);
     cmd.args([
@@ -49,6 +62,7 @@ fn python_client_suite_passes_against_the_daemon() {
     ])
     .current_dir(&root)
     .env("SANDBOXD_SOCKET", &d.socket)
+    .env("SANDBOXD_TEST_PIP_INDEX", world.pip_index())
     .env("PYTHONPATH", python_dir())
     .env("PYTHONDONTWRITEBYTECODE", "1")
     .env("PYTHONUNBUFFERED", "1");
@@ -76,6 +90,17 @@ fn python_client_suite_passes_against_the_daemon() {
             "unexpected skip: {line}"
         );
     }
+
+    // The seed's `pip install torch` fetched the stand-in wheel from the world's index, through the
+    // daemon's masquerade (the world sees the host's address on its veth).
+    let fetched = format!("http {} ", world.host_addr);
+    let log = world.sync_log();
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with(&fetched)
+                && l.ends_with(" /packages/torch-2.99.0-py3-none-any.whl")),
+        "the stand-in wheel was not fetched from the outside world: {log:?}"
+    );
 
     // The suite cleaned up after itself: context managers, sessions and its own clean-ups deleted every
     // sandbox it created.

@@ -37,9 +37,11 @@ class EgressRule:
         cidr: an IPv4 network (``"10.0.0.0/8"``) or address (``"192.0.2.7"``, a /32). Host bits must be
             clear (``"10.0.0.1/8"`` is refused); a bad one is refused with
             :class:`~sandboxd.SandboxValidationError`, ``field == "network.egress[i].cidr"``.
-        dns_name: a DNS name. **This daemon version refuses rules by DNS name**
-            (:class:`~sandboxd.SandboxValidationError`, ``field == "network.egress[i].dns_name"``): use a
-            ``cidr``. A rule has exactly one of ``cidr`` and ``dns_name``.
+        dns_name: a DNS name (``"pypi.org"``) or ``"*.example.org"`` (any name below it). The sandbox then
+            resolves through the daemon's forwarder, which answers only the listed names and opens the
+            addresses it answers with (for their TTL, at least 30 s) on the rule's ports. A bad name is
+            refused with ``field == "network.egress[i].dns_name"``. A rule has exactly one of ``cidr`` and
+            ``dns_name``.
         ports: destination ports (1-65535, at most 64); empty means every port.
         protocol: ``"tcp"`` or ``"udp"``; ``None`` means both.
     """
@@ -78,8 +80,8 @@ class NetworkOptions:
             (:class:`EgressRule`, by ``cidr``, optionally limited to ``ports`` and a ``protocol``,
             ``"tcp"`` or ``"udp"``) are reachable, everything else is dropped. Contradicts
             ``deny_egress=True``. Bad rules are refused with :class:`~sandboxd.SandboxValidationError`
-            naming the field (``network.egress[0].cidr``, ``network.egress[1].protocol``); rules by
-            ``dns_name`` are refused by this daemon version (``network.egress[i].dns_name``).
+            naming the field (``network.egress[0].cidr``, ``network.egress[1].protocol``,
+            ``network.egress[2].dns_name``).
 
     ::
 

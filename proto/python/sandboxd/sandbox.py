@@ -465,14 +465,18 @@ class Sandbox:
     def sandbox_id(self) -> Optional[str]:
         """The daemon's id of the sandbox. While creation is under way this waits for the daemon's
         answer; ``None`` if the sandbox was never started or could not be created."""
+        return self._id if self._created() else None
+
+    def _created(self) -> bool:
+        """Waits for a creation under way; whether the sandbox was started and created."""
         ref = self._create_ref
         if ref is None:
-            return None
+            return False
         try:
             ref.result()
-        except Exception:  # noqa: BLE001 - creation failed: no id
-            return None
-        return self._id
+        except Exception:  # noqa: BLE001 - creation failed
+            return False
+        return True
 
     @property
     def name(self) -> Optional[str]:
@@ -542,14 +546,7 @@ class Sandbox:
     def _created_info(self) -> Optional[Dict[str, Any]]:
         """Fresh info once created (waiting for the creation under way); ``None`` if never started or
         its creation failed."""
-        ref = self._create_ref
-        if ref is None:
-            return None
-        try:
-            ref.result()
-        except Exception:  # noqa: BLE001 - creation failed: no info
-            return None
-        return self._current()
+        return self._current() if self._created() else None
 
     @property
     def exposed_ports(self) -> List[Dict[str, Any]]:

@@ -482,7 +482,7 @@ class Network(DaemonTestCase):
                 "network.egress[1].protocol",
             ),
             (
-                {"network": NetworkOptions(egress=[EgressRule(dns_name="example.org")])},
+                {"network": NetworkOptions(egress=[EgressRule(dns_name="not a host name")])},
                 "network.egress[0].dns_name",
             ),
             ({"services": [Service(port=8000, protocol="sctp")]}, "services[0].protocol"),

@@ -6,15 +6,19 @@ The snippets create their sandboxes themselves, so the files they need (``train.
 ``might_fail.py``; the working directory of ``python:3.11`` is ``/``) are given to every sandbox through
 the client's process-wide defaults: ``sandboxd.options.DEFAULT_SANDBOX_DEFAULTS`` is patched, for the
 length of a snippet, with a ``SandboxDefaults`` whose ``mounted_files`` hold the two scripts (and whose
-tags let the test find and delete what a snippet leaves running).
+tags let the test find and delete what a snippet leaves running). The ``pip install torch`` snippet also gets
+pip's configuration there (``environment_variables``), pointing it at the package index named by
+``SANDBOXD_TEST_PIP_INDEX``: the stand-in index of the test's outside world, with a tiny stand-in ``torch``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import textwrap
 import unittest
+import urllib.parse
 
 from sandboxd import Sandbox, SandboxDefaults, SandboxImageNotFoundError, SandboxStatus
 
@@ -22,6 +26,9 @@ from .support import RUN_TAG, DaemonTestCase, delete_tagged, run_seed, unique_ta
 
 TRAIN_PY = b'print("training done")\n'
 MIGHT_FAIL_PY = b'import sys\nsys.stderr.write("might_fail: simulated failure\\n")\nsys.exit(3)\n'
+
+#: The package index the pip seed installs from (set by tests/tests/python_client.rs to its stand-in index).
+PIP_INDEX_ENV = "SANDBOXD_TEST_PIP_INDEX"
 
 # ---- create-sandboxes.md ------------------------------------------------------------------------------
 
@@ -200,10 +207,36 @@ class SeedSnippets(DaemonTestCase):
         self.assertEqual(out, "Exit code: 0\n")
 
     def test_pip_install_torch(self) -> None:
-        self.skipTest(
-            "needs egress to a package index: networking comes with issue 5, and then this snippet installs "
-            "a small wheel from the test's stand-in for the internet"
+        # Against the stand-in package index of the test's outside world (tests/src/outside_world.py): its
+        # only project is a tiny pure-Python `torch` 2.99.0 (not PyTorch), reached through the daemon's NAT.
+        # pip is configured the way a user would, through the environment (the process-wide defaults'
+        # environment_variables reach every exec). python:3.11 here is Debian's python3 + python3-pip with
+        # EXTERNALLY-MANAGED removed, as in the official image: no --break-system-packages needed.
+        index = os.environ.get(PIP_INDEX_ENV)
+        if not index:
+            self.skipTest(
+                f"{PIP_INDEX_ENV} (a package index with a `torch` the sandboxes can reach) is not set: "
+                "`cargo test -p sandbox-tests --test python_client` sets it to its stand-in index"
+            )
+        host = urllib.parse.urlsplit(index).hostname
+        self.defaults = dataclasses.replace(
+            self.defaults,
+            environment_variables={
+                "PIP_INDEX_URL": index,
+                "PIP_TRUSTED_HOST": host,
+                "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+                "PIP_NO_CACHE_DIR": "1",
+                "PIP_ROOT_USER_ACTION": "ignore",
+            },
         )
+        out, _ = self.seed(SEED_PIP_TORCH, "pip-install-torch")
+        # pip's stdout, then train.py's: each printed with print()'s newline after the output's own.
+        pip_out, sep, rest = out.partition("\n\ntraining done\n")
+        self.assertEqual((sep, rest), ("\n\ntraining done\n", "\n"), out)
+        self.assertIn(f"Looking in indexes: {index}", pip_out)
+        self.assertIn("torch-2.99.0-py3-none-any.whl", pip_out)
+        self.assertRegex(pip_out, r"(?m)^Successfully installed torch-2\.99\.0$")
+        self.assert_none_left()
 
     def test_keep_running_with_sleep_infinity(self) -> None:
         out, _ = self.seed(SEED_SLEEP_INFINITY, "sleep-infinity")

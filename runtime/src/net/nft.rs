@@ -12,6 +12,10 @@
 //! - `egress_allow_<k>` (`saddr . daddr . proto . dport`, intervals): the allow-lists, in [`ALLOW_SHARDS`]
 //!   sets (`k` = address % shards) looked up by as many chains `egress_allowlist_<k>`, because nft 1.0.6
 //!   deletes interval elements in time proportional to the set's size.
+//! - `egress_dns` (`saddr . daddr . proto . dport`) and `egress_dns_any` (`saddr . daddr . proto`), both
+//!   with per-element timeouts: the destinations the daemon's DNS forwarder opened for a sandbox with
+//!   `dns_name` rules (with and without ports), added before it relays an answer (see [`DnsGrant`]); the
+//!   kernel drops them when they expire. Looked up by every `egress_allowlist_<k>` chain.
 //! - `ingress_open` (addresses): sandboxes that accept new inbound connections.
 //! - `published` (`host address . proto . host port` → `sandbox address . port`): published ports.
 //!
@@ -26,8 +30,8 @@
 //!   accepted, link-local and the sandbox subnet rejected, then the source address's verdict in `egress_vmap`;
 //!   an unknown source is dropped.
 //! - filter input from the bridge (a sandbox talking to one of the host's own addresses): established
-//!   accepted, else rejected. Services the host offers to sandboxes (DNS on the gateway, later) go in between:
-//!   see [`host_services`].
+//!   accepted, DNS (udp and tcp port 53) to the gateway's address accepted (the daemon's forwarder), else
+//!   rejected: see [`host_services`].
 //! - filter output, new connections from the host out through the bridge: DNAT'd (published, e.g. from
 //!   127.0.0.1) or `ingress_open` accepted, else dropped.
 //! - nat postrouting: masquerade of the subnet out of any other interface (egress), and of the host's own
@@ -188,6 +192,40 @@ pub struct Published {
     pub port: u16,
 }
 
+/// A destination the DNS forwarder opens for a sandbox for a while: `ip daddr` with `proto` on `port` (all
+/// ports when `None`), until `timeout_secs` from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DnsGrant {
+    /// The sandbox's address (the source of its traffic).
+    pub sandbox: Ipv4Addr,
+    /// An address a name it may reach resolved to.
+    pub dest: Ipv4Addr,
+    pub proto: Proto,
+    /// One destination port; `None`: every port.
+    pub port: Option<u16>,
+}
+
+impl DnsGrant {
+    /// The set holding it.
+    fn set(&self) -> &'static str {
+        match self.port {
+            Some(_) => EGRESS_DNS,
+            None => EGRESS_DNS_ANY,
+        }
+    }
+
+    /// Its key in that set.
+    fn key(&self) -> String {
+        match self.port {
+            Some(p) => format!("{} . {} . {} . {p}", self.sandbox, self.dest, self.proto),
+            None => format!("{} . {} . {}", self.sandbox, self.dest, self.proto),
+        }
+    }
+}
+
+/// Longest a DNS grant lasts (`timeout` of its element), whatever the record's TTL.
+pub const DNS_GRANT_MAX_SECS: u32 = 3600;
+
 /// What the firewall knows about one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxRules {
@@ -260,6 +298,8 @@ const EGRESS_VMAP: &str = "egress_vmap";
 /// Prefix of the allow-list sets (`egress_allow_<shard>`).
 const EGRESS_ALLOW: &str = "egress_allow";
 const INGRESS_OPEN: &str = "ingress_open";
+const EGRESS_DNS: &str = "egress_dns";
+const EGRESS_DNS_ANY: &str = "egress_dns_any";
 const PUBLISHED: &str = "published";
 const CHAIN_DENY: &str = "egress_deny";
 /// Prefix of the allow-list chains (`egress_allowlist_<shard>`).
@@ -555,10 +595,59 @@ fn by_set(elements: &[Element]) -> Vec<(&str, Vec<&Element>)> {
 }
 
 /// Rules accepting sandbox → host traffic to services the host offers on the bridge, inserted in
-/// `sandbox_to_host` before its final reject. None yet; the DNS forwarder will add
-/// `ip daddr <gateway> meta l4proto { tcp, udp } th dport 53 accept` here.
-pub fn host_services(_plan: &NetPlan) -> Vec<String> {
-    Vec::new()
+/// `sandbox_to_host` before its final reject: DNS (udp and tcp) to the gateway's address, where the daemon's
+/// forwarder listens (it answers `REFUSED` to sandboxes without `dns_name` rules).
+pub fn host_services(plan: &NetPlan) -> Vec<String> {
+    vec![format!(
+        "ip daddr {} meta l4proto {{ tcp, udp }} th dport 53 accept comment \"the DNS forwarder of sandboxd\"",
+        plan.gateway
+    )]
+}
+
+/// One transaction opening `grants` for `timeout_secs` (clamped to 1..=[`DNS_GRANT_MAX_SECS`]). An element
+/// already there gets the new timeout: each is added (so that the delete cannot fail), deleted and added
+/// again with its timeout, all in the same transaction.
+pub fn render_dns_grants(
+    plan: &NetPlan,
+    grants: &[DnsGrant],
+    timeout_secs: u32,
+) -> Result<String, NftError> {
+    check_plan(plan)?;
+    let secs = timeout_secs.clamp(1, DNS_GRANT_MAX_SECS);
+    let t = &plan.table;
+    let mut s = String::new();
+    for g in grants {
+        if !plan.subnet.contains(&g.sandbox) || g.sandbox == plan.gateway {
+            return Err(NftError::InvalidRule(format!(
+                "DNS grant for {}, not a sandbox address of {}",
+                g.sandbox, plan.subnet
+            )));
+        }
+        if g.port == Some(0) {
+            return Err(NftError::InvalidRule("DNS grant for port 0".into()));
+        }
+        let (set, key) = (g.set(), g.key());
+        let _ = writeln!(s, "add element inet {t} {set} {{ {key} timeout {secs}s }}");
+        let _ = writeln!(s, "delete element inet {t} {set} {{ {key} }}");
+        let _ = writeln!(s, "add element inet {t} {set} {{ {key} timeout {secs}s }}");
+    }
+    Ok(s)
+}
+
+/// The commands deleting `grants`, one per element.
+fn dns_revoke_commands(plan: &NetPlan, grants: &[DnsGrant]) -> Result<Vec<String>, NftError> {
+    check_plan(plan)?;
+    Ok(grants
+        .iter()
+        .map(|g| {
+            format!(
+                "delete element inet {} {} {{ {} }}",
+                plan.table,
+                g.set(),
+                g.key()
+            )
+        })
+        .collect())
 }
 
 /// The whole table, with every given sandbox's elements, as one atomic replace: `add table` (so that the
@@ -631,6 +720,8 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
             r#"
 	chain {CHAIN_ALLOWLIST}_{k} {{
 		ip saddr . ip daddr . meta l4proto . th dport @{set} accept comment "allow-listed"
+		ip saddr . ip daddr . meta l4proto . th dport @{EGRESS_DNS} accept comment "resolved by the DNS forwarder"
+		ip saddr . ip daddr . meta l4proto @{EGRESS_DNS_ANY} accept comment "resolved by the DNS forwarder, every port"
 		counter {reject} comment "not in the sandbox's allow-list"
 	}}
 "#
@@ -656,6 +747,18 @@ table inet {t} {{
 		comment "sandbox address -> egress policy: accept (open), jump {CHAIN_DENY}, jump {CHAIN_ALLOWLIST}_<address % {ALLOW_SHARDS}>"
 {vmap_elems}	}}
 {allow_sets}
+	set {EGRESS_DNS} {{
+		type ipv4_addr . ipv4_addr . inet_proto . inet_service
+		flags timeout
+		comment "opened by the DNS forwarder until the answer's TTL (at least 30 s): sandbox . address . protocol . port"
+	}}
+
+	set {EGRESS_DNS_ANY} {{
+		type ipv4_addr . ipv4_addr . inet_proto
+		flags timeout
+		comment "opened by the DNS forwarder, rules without ports: sandbox . address . protocol"
+	}}
+
 	set {INGRESS_OPEN} {{
 		type ipv4_addr
 		comment "sandboxes accepting new inbound connections (deny_ingress = false)"
@@ -1009,6 +1112,43 @@ impl Firewall {
         };
         tracing::debug!(address = %sb.address, error = %first, "nft: removing element by element");
         for cmd in delete_commands(plan, sb, true)? {
+            match self.run(&cmd) {
+                Ok(_) => {}
+                Err(NftError::Command(msg)) if is_missing(&msg) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `grants` (see [`render_dns_grants`]) in one transaction.
+    pub fn add_dns_grants(
+        &self,
+        plan: &NetPlan,
+        grants: &[DnsGrant],
+        timeout_secs: u32,
+    ) -> Result<(), NftError> {
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let cmds = render_dns_grants(plan, grants, timeout_secs)?;
+        let t0 = Instant::now();
+        self.run(&cmds)?;
+        tracing::debug!(grants = grants.len(), timeout_secs, elapsed = ?t0.elapsed(), "nft DNS grants added");
+        Ok(())
+    }
+
+    /// Deletes `grants` (a sandbox that ended before they expired): one transaction, or element by element
+    /// ignoring those already gone (expired meanwhile) if that fails.
+    pub fn remove_dns_grants(&self, plan: &NetPlan, grants: &[DnsGrant]) -> Result<(), NftError> {
+        if grants.is_empty() {
+            return Ok(());
+        }
+        let cmds = dns_revoke_commands(plan, grants)?;
+        if self.run(&(cmds.join("\n") + "\n")).is_ok() {
+            return Ok(());
+        }
+        for cmd in cmds {
             match self.run(&cmd) {
                 Ok(_) => {}
                 Err(NftError::Command(msg)) if is_missing(&msg) => {}
@@ -1407,6 +1547,59 @@ mod tests {
         let mut other = p.clone();
         other.gateway = "10.9.9.9".parse().unwrap();
         assert!(render_table(&other, &[]).is_err());
+    }
+
+    #[test]
+    fn dns_grants_refresh_their_timeout_and_the_chains_look_them_up() {
+        let g = |dest: &str, proto, port| DnsGrant {
+            sandbox: "10.213.0.5".parse().unwrap(),
+            dest: dest.parse().unwrap(),
+            proto,
+            port,
+        };
+        let add = render_dns_grants(
+            &plan(),
+            &[
+                g("198.18.1.10", Proto::Tcp, Some(443)),
+                g("198.18.1.10", Proto::Udp, None),
+            ],
+            90,
+        )
+        .unwrap();
+        assert_eq!(
+            add,
+            "add element inet sbxt_unit egress_dns { 10.213.0.5 . 198.18.1.10 . tcp . 443 timeout 90s }\n\
+             delete element inet sbxt_unit egress_dns { 10.213.0.5 . 198.18.1.10 . tcp . 443 }\n\
+             add element inet sbxt_unit egress_dns { 10.213.0.5 . 198.18.1.10 . tcp . 443 timeout 90s }\n\
+             add element inet sbxt_unit egress_dns_any { 10.213.0.5 . 198.18.1.10 . udp timeout 90s }\n\
+             delete element inet sbxt_unit egress_dns_any { 10.213.0.5 . 198.18.1.10 . udp }\n\
+             add element inet sbxt_unit egress_dns_any { 10.213.0.5 . 198.18.1.10 . udp timeout 90s }\n"
+        );
+        // The timeout is capped; grants for non-sandbox sources or port 0 are refused.
+        let capped = render_dns_grants(&plan(), &[g("1.2.3.4", Proto::Tcp, None)], 86400).unwrap();
+        assert!(capped.contains("timeout 3600s"), "{capped}");
+        let mut bad = g("1.2.3.4", Proto::Tcp, None);
+        bad.sandbox = "10.213.0.1".parse().unwrap();
+        assert!(render_dns_grants(&plan(), &[bad], 30).is_err());
+        assert!(render_dns_grants(&plan(), &[g("1.2.3.4", Proto::Tcp, Some(0))], 30).is_err());
+        let rm = dns_revoke_commands(&plan(), &[g("1.2.3.4", Proto::Tcp, None)]).unwrap();
+        assert_eq!(
+            rm,
+            ["delete element inet sbxt_unit egress_dns_any { 10.213.0.5 . 1.2.3.4 . tcp }"]
+        );
+
+        let t = render_table(&plan(), &[]).unwrap();
+        for needle in [
+            "set egress_dns {\n\t\ttype ipv4_addr . ipv4_addr . inet_proto . inet_service\n\t\tflags timeout\n",
+            "set egress_dns_any {\n\t\ttype ipv4_addr . ipv4_addr . inet_proto\n\t\tflags timeout\n",
+            "chain egress_allowlist_7 {\n\t\tip saddr . ip daddr . meta l4proto . th dport @egress_allow_7 accept comment \"allow-listed\"\n\
+             \t\tip saddr . ip daddr . meta l4proto . th dport @egress_dns accept comment \"resolved by the DNS forwarder\"\n\
+             \t\tip saddr . ip daddr . meta l4proto @egress_dns_any accept comment \"resolved by the DNS forwarder, every port\"\n\
+             \t\tcounter reject",
+            "ct state established,related accept\n\t\tip daddr 10.213.0.1 meta l4proto { tcp, udp } th dport 53 accept",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
     }
 
     #[test]
