@@ -111,10 +111,13 @@ impl Policy {
 #[derive(Debug)]
 struct Placeholder(#[allow(dead_code)] OwnedFd);
 
+/// How many leases one write of the allocation cursor covers.
+const LEASE_BATCH: u32 = 32;
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Persisted {
-    /// Index (from the subnet's start) of the last address handed out: allocation goes on after it, so an
-    /// address comes back only after the whole subnet was used once (its old veth is long gone by then).
+    /// Index (from the subnet's start) at or past the last address handed out: allocation goes on after it,
+    /// so an address comes back only after the whole subnet was used once (its old veth is long gone then).
     cursor: u32,
 }
 
@@ -130,6 +133,8 @@ struct Active {
 struct State {
     used: HashSet<Ipv4Addr>,
     cursor: u32,
+    /// Leases left before the cursor on disk must be moved ahead again.
+    unpersisted: u32,
     active: HashMap<String, Active>,
     /// The table has been installed (after recovery); before that, changes only touch `active`.
     installed: bool,
@@ -516,10 +521,20 @@ impl Network {
             let addr = Ipv4Addr::from(base + 2 + idx);
             if st.used.insert(addr) {
                 st.cursor = idx;
-                let _ = sandbox_runtime::spec::write_json_replace(
-                    &self.state_path,
-                    &Persisted { cursor: idx },
-                );
+                // The cursor on disk runs ahead of the one in memory by up to LEASE_BATCH addresses, so only
+                // one lease in LEASE_BATCH writes it: after a crash allocation resumes past every address
+                // handed out before (skipping at most LEASE_BATCH).
+                if st.unpersisted == 0 {
+                    let ahead = (idx + LEASE_BATCH) % count;
+                    if let Err(e) = sandbox_runtime::spec::write_json_replace(
+                        &self.state_path,
+                        &Persisted { cursor: ahead },
+                    ) {
+                        tracing::warn!("writing {}: {e}", self.state_path.display());
+                    }
+                    st.unpersisted = LEASE_BATCH;
+                }
+                st.unpersisted -= 1;
                 let host_if = format!("{}{:08x}", self.cfg.veth_prefix, random_u32());
                 return Ok(Lease {
                     address: addr,
