@@ -104,6 +104,15 @@ fn assert_in_subnet(d: &Daemon, addr: Ipv4Addr) {
     );
 }
 
+/// An outside world and a daemon resolving through it, with busybox imported. (Bound as `let (world, d)`, the
+/// daemon is dropped first, then the world.)
+fn world_and_daemon() -> (OutsideWorld, Daemon) {
+    let world = OutsideWorld::start();
+    let d = world.daemon(None);
+    d.import_busybox();
+    (world, d)
+}
+
 // ------------------------------------------------------------------------------------------ the fixture
 
 /// A DNS query for an A record of `name` (id 0x5a5a, recursion desired).
@@ -179,9 +188,7 @@ fn the_outside_world_serves_the_host_and_leaves_nothing_behind() {
 
 #[test]
 fn egress_goes_out_through_nat_and_names_resolve_with_the_configured_dns() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let sb = create(&c, &idle("net-egress"));
     let addr = address_of(&sb);
@@ -265,9 +272,7 @@ fn egress_goes_out_through_nat_and_names_resolve_with_the_configured_dns() {
 
 #[test]
 fn deny_egress_blocks_everything_out_but_loopback_works() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let open = create(&c, &idle("net-open"));
     let closed = create(
@@ -342,9 +347,7 @@ fn deny_egress_blocks_everything_out_but_loopback_works() {
 
 #[test]
 fn an_allow_list_lets_only_its_destinations_through() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let rules = vec![
         EgressRule {
@@ -466,9 +469,7 @@ fn dns_elements(table: &str) -> usize {
 
 #[test]
 fn a_dns_allow_list_opens_what_the_name_resolves_to_and_nothing_else() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let sb = create(
         &c,
@@ -562,9 +563,7 @@ fn a_dns_allow_list_opens_what_the_name_resolves_to_and_nothing_else() {
 
 #[test]
 fn dns_rules_keep_their_ports_and_wildcards_match_names_below() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     // `*.test` (both names of the world) on tcp 8080 only, plus a cidr rule for A's udp 5353.
     let sb = create(
@@ -648,9 +647,7 @@ fn after_a_daemon_restart_dns_rule_sandboxes_resolve_again() {
 
 #[test]
 fn sandboxes_without_dns_rules_get_nothing_from_the_forwarder() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let open = create(&c, &idle("net-dns-open"));
     let cidr_only = create(
@@ -722,9 +719,7 @@ fn sandboxes_without_dns_rules_get_nothing_from_the_forwarder() {
 
 #[test]
 fn link_local_metadata_addresses_are_blocked() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     // 169.254.169.254 from this daemon's sandboxes is routed to the outside world's stand-in (never
     // off the machine), so a missing block would show there.
@@ -760,9 +755,7 @@ fn link_local_metadata_addresses_are_blocked() {
 
 #[test]
 fn running_sandboxes_keep_their_gateway_while_others_come_and_go() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let steady = create(&c, &idle("net-steady"));
     let gw = gateway_of(&steady);
@@ -806,9 +799,7 @@ fn running_sandboxes_keep_their_gateway_while_others_come_and_go() {
 
 #[test]
 fn ingress_is_denied_by_default_and_open_with_deny_ingress_false() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     // The world can address sandboxes directly: only the firewall keeps it out.
     world.route_to(&d.network.subnet);
@@ -1053,9 +1044,7 @@ fn sandboxes_cannot_reach_each_other() {
 
 #[test]
 fn host_addresses_are_unreachable_from_sandboxes() {
-    let world = OutsideWorld::start();
-    let d = world.daemon(None);
-    d.import_busybox();
+    let (world, d) = world_and_daemon();
     let c = d.client();
     let sb = create(&c, &idle("net-host"));
     let addr = address_of(&sb);
