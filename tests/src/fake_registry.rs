@@ -465,12 +465,22 @@ fn serve_connection(stream: TcpStream, addr: SocketAddr, state: &Mutex<State>) {
                 .truncate_at
                 .map_or(response.body.len(), |n| n.min(response.body.len()))
         };
+        // Counted before the write: a client that has read the whole answer must find it counted (after
+        // the write, its assertion could run before this thread got back to the counter). A failed write
+        // takes it back.
+        let count = |add: bool| {
+            let mut st = lock(state);
+            let n = st.sent.entry(head.request.path.clone()).or_default();
+            if add {
+                *n += body_len as u64;
+            } else {
+                *n -= body_len as u64;
+            }
+        };
+        count(true);
         let written = write_response(&mut writer, &response, head_only, keep_alive);
-        if written.is_ok() {
-            *lock(state)
-                .sent
-                .entry(head.request.path.clone())
-                .or_default() += body_len as u64;
+        if written.is_err() {
+            count(false);
         }
         if written.is_err() || !keep_alive {
             break;
