@@ -259,7 +259,7 @@ fn not_found(id: &str) -> ApiError {
     )
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     let mut b = [0u8; 8];
     use std::io::Read as _;
     if std::fs::File::open("/dev/urandom")

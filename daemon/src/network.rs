@@ -160,18 +160,6 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    use std::io::Read as _;
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .is_err()
-    {
-        return sandbox_runtime::spec::now_ms() as u32 ^ std::process::id();
-    }
-    u32::from_le_bytes(b)
-}
-
 /// The host's nameservers usable from a sandbox: IPv4, not loopback (a stub resolver on the host's
 /// loopback is out of a sandbox's reach; systemd-resolved's upstream list is used then, as Docker does).
 fn host_resolvers() -> Vec<Ipv4Addr> {
@@ -535,7 +523,7 @@ impl Network {
                     st.unpersisted = LEASE_BATCH;
                 }
                 st.unpersisted -= 1;
-                let host_if = format!("{}{:08x}", self.cfg.veth_prefix, random_u32());
+                let host_if = self.veth_name();
                 return Ok(Lease {
                     address: addr,
                     host_if,
@@ -552,11 +540,20 @@ impl Network {
         .with_details(serde_json::json!({"resource": "addresses"})))
     }
 
+    /// A fresh name for a veth's host end: the prefix and 8 random hex characters.
+    fn veth_name(&self) -> String {
+        format!(
+            "{}{}",
+            self.cfg.veth_prefix,
+            &crate::manager::random_id()[..8]
+        )
+    }
+
     /// The same address with a fresh veth name.
     pub fn renamed(&self, address: &Ipv4Addr) -> Lease {
         Lease {
             address: *address,
-            host_if: format!("{}{:08x}", self.cfg.veth_prefix, random_u32()),
+            host_if: self.veth_name(),
         }
     }
 

@@ -1027,6 +1027,15 @@ pub fn exec(c: &BlockingClient, id: &str, argv: &[&str]) -> ExecResult {
         .unwrap_or_else(|e| panic!("exec {argv:?} in {id}: {e}"))
 }
 
+/// `details.field` of an INVALID_ARGUMENT error ("" when there is none).
+pub fn field_of(e: &sandbox_proto::ApiError) -> String {
+    e.details
+        .as_ref()
+        .and_then(|d| d["field"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// Runs `sh -c script` in the sandbox and asserts exit 0; returns stdout.
 pub fn sh(c: &BlockingClient, id: &str, script: &str) -> String {
     let r = exec(c, id, &["sh", "-c", script]);

@@ -12,21 +12,13 @@ use sandbox_tests::sandbox_proto::{
     CreateSandboxRequest, ErrorCode, ImportImageRequest, MountedFile, SandboxStatus, VolumeSpec,
 };
 use sandbox_tests::{
-    busybox, create, create_idle, exec, expect_api_error, proc_status_field, sh, wait_exited,
-    Daemon,
+    busybox, create, create_idle, exec, expect_api_error, field_of, proc_status_field, sh,
+    wait_exited, Daemon,
 };
 use sha2::{Digest, Sha256};
 
 fn b64(s: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-fn field_of(e: &sandbox_tests::sandbox_proto::ApiError) -> String {
-    e.details
-        .as_ref()
-        .and_then(|d| d["field"].as_str())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// A raw request; answers the status and body.

@@ -25,7 +25,7 @@ use sandbox_tests::sandbox_proto::{
     CreateSandboxRequest, EgressRule, ErrorCode, ExposedPort, NetworkOptions, SandboxInfo,
     ServiceSpec,
 };
-use sandbox_tests::{busybox, create, expect_api_error, json, sh, Daemon};
+use sandbox_tests::{busybox, create, expect_api_error, field_of, json, sh, Daemon};
 
 fn blocked() -> Duration {
     Duration::from_secs(BLOCKED_BOUND_SECS.into())
@@ -78,14 +78,6 @@ fn client_of(body: &str) -> &str {
 /// The client field of an outside-world log line.
 fn log_client(line: &str) -> &str {
     line.split_whitespace().nth(1).unwrap_or_default()
-}
-
-fn field_of(e: &sandbox_tests::sandbox_proto::ApiError) -> String {
-    e.details
-        .as_ref()
-        .and_then(|d| d["field"].as_str())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// Asserts that `addr` is in the daemon's sandbox subnet and is neither the gateway nor the network.
