@@ -704,10 +704,15 @@ impl Manager {
         }
         validate_env("env", &req.env)?;
         let mounts = crate::files::validate_mounts(&req.mounted_files, &req.volumes)?;
-        let policy = crate::network::validate(
+        let mut policy = crate::network::validate(
             req.network.as_ref(),
             &req.services,
             self.cfg.network.publish_host_ip,
+        )?;
+        policy.join_session(
+            req.annotations
+                .get(sandbox_proto::sandbox::SESSION_ANNOTATION)
+                .map(String::as_str),
         )?;
         if self.net.is_none() {
             if policy.services() > 0 {
@@ -720,6 +725,12 @@ impl Manager {
                 return Err(ApiError::invalid_argument(
                     "network.egress",
                     "this daemon runs sandboxes without networking ([network] mode = \"none\"): every sandbox is loopback-only",
+                ));
+            }
+            if req.network.as_ref().is_some_and(|n| n.session_peers) {
+                return Err(ApiError::invalid_argument(
+                    "network.session_peers",
+                    "this daemon runs sandboxes without networking ([network] mode = \"none\"): sandboxes cannot reach each other",
                 ));
             }
         }

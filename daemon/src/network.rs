@@ -61,6 +61,9 @@ pub struct NetRecord {
     /// The nameservers in its `/etc/resolv.conf`.
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Its session, when it opted in to traffic with the session's other opted-in sandboxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_group: Option<String>,
 }
 
 impl NetRecord {
@@ -96,9 +99,36 @@ pub struct Policy {
     /// The `dns_name` rules (served by the DNS forwarder).
     dns: Vec<DnsRule>,
     services: Vec<(Proto, u16, Ipv4Addr, u16)>,
+    /// The session whose opted-in sandboxes this one may reach (see [`Policy::join_session`]).
+    peer_group: Option<String>,
 }
 
+/// Longest session id accepted as a peer group (it is only compared, never rendered).
+const MAX_SESSION_ID: usize = 256;
+
 impl Policy {
+    /// With `session_peers`, the sandbox's session (the value of its `sandboxd.session` annotation) becomes
+    /// its peer group; without the annotation that is an error naming `network.session_peers`.
+    pub fn join_session(&mut self, session: Option<&str>) -> Result<(), ApiError> {
+        if !self.options.session_peers {
+            return Ok(());
+        }
+        match session {
+            Some(s) if !s.is_empty() && s.len() <= MAX_SESSION_ID => {
+                self.peer_group = Some(s.to_owned());
+                Ok(())
+            }
+            Some(_) => Err(ApiError::invalid_argument(
+                "network.session_peers",
+                format!("the sandboxd.session annotation must be 1-{MAX_SESSION_ID} bytes"),
+            )),
+            None => Err(ApiError::invalid_argument(
+                "network.session_peers",
+                "session_peers needs the sandbox's sandboxd.session annotation: create it through a Session",
+            )),
+        }
+    }
+
     /// Whether the sandbox needs an address (always, in bridge mode: published ports need one even when
     /// egress is denied).
     pub fn services(&self) -> usize {
@@ -138,6 +168,24 @@ struct State {
     active: HashMap<String, Active>,
     /// The table has been installed (after recovery); before that, changes only touch `active`.
     installed: bool,
+}
+
+impl State {
+    /// The addresses of the other active sandboxes in `rules`' peer group (none without one). Called with
+    /// the state locked, before `rules`' sandbox joins `active` and after it left: the set in the table then
+    /// holds exactly the pairs of the current members.
+    fn peers_of(&self, rules: &SandboxRules) -> Vec<Ipv4Addr> {
+        let Some(group) = &rules.peer_group else {
+            return Vec::new();
+        };
+        self.active
+            .values()
+            .filter(|a| {
+                a.rules.peer_group.as_ref() == Some(group) && a.rules.address != rules.address
+            })
+            .map(|a| a.rules.address)
+            .collect()
+    }
 }
 
 /// The daemon's networking (bridge mode).
@@ -377,6 +425,7 @@ pub fn validate(
         egress,
         dns,
         services: out,
+        peer_group: None,
     })
 }
 
@@ -636,15 +685,19 @@ impl Network {
             egress: policy.egress.clone(),
             ingress_open: !policy.options.deny_ingress,
             published,
+            peer_group: policy.peer_group.clone(),
         };
         let mut st = lock(&self.state);
         if st.installed {
-            self.fw.add_sandbox(&self.plan, &rules).map_err(|e| {
-                ApiError::new(
-                    ErrorCode::NetworkError,
-                    format!("adding the sandbox's firewall rules: {e}"),
-                )
-            })?;
+            let peers = st.peers_of(&rules);
+            self.fw
+                .add_sandbox(&self.plan, &rules, &peers)
+                .map_err(|e| {
+                    ApiError::new(
+                        ErrorCode::NetworkError,
+                        format!("adding the sandbox's firewall rules: {e}"),
+                    )
+                })?;
         }
         st.used.insert(lease.address);
         let dns = !policy.dns.is_empty();
@@ -669,6 +722,7 @@ impl Network {
             } else {
                 self.dns.clone()
             },
+            peer_group: policy.peer_group.clone(),
         })
     }
 
@@ -720,6 +774,7 @@ impl Network {
                     egress: policy.egress,
                     ingress_open: !rec.policy.deny_ingress,
                     published,
+                    peer_group: rec.peer_group.clone(),
                 },
                 _ports: ports,
             },
@@ -782,7 +837,8 @@ impl Network {
                 });
             }
             if st.installed {
-                if let Err(e) = self.fw.remove_sandbox(&self.plan, &a.rules) {
+                let peers = st.peers_of(&a.rules);
+                if let Err(e) = self.fw.remove_sandbox(&self.plan, &a.rules, &peers) {
                     tracing::warn!(%id, "removing the sandbox's firewall rules: {e}");
                 }
             }

@@ -195,6 +195,11 @@ pub struct NetworkOptions {
     /// When not empty, an allow-list: only these destinations are reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<EgressRule>,
+    /// The opt-in to sandbox-to-sandbox traffic: this sandbox and the other sandboxes of its session (the
+    /// same `sandboxd.session` annotation) that opted in too may connect to each other, both ways, on every
+    /// port, whatever their egress and ingress policies. Needs the annotation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub session_peers: bool,
 }
 
 fn yes() -> bool {
@@ -207,6 +212,7 @@ impl Default for NetworkOptions {
             deny_egress: false,
             deny_ingress: true,
             egress: Vec::new(),
+            session_peers: false,
         }
     }
 }

@@ -260,6 +260,7 @@ fn full_network_options() -> NetworkOptions {
         deny_egress: true,
         deny_ingress: false,
         egress: vec![full_egress_rule()],
+        session_peers: true,
     }
 }
 

@@ -36,6 +36,7 @@ fn open_sandbox(n: u32) -> SandboxRules {
             proto: Proto::Tcp,
             port: 8000,
         }],
+        peer_group: None,
     }
 }
 
@@ -70,6 +71,7 @@ fn allow_sandbox(n: u32) -> SandboxRules {
                 port: 8000,
             },
         ],
+        peer_group: None,
     }
 }
 
@@ -80,6 +82,7 @@ fn deny_sandbox(n: u32) -> SandboxRules {
         egress: Egress::Deny,
         ingress_open: false,
         published: vec![],
+        peer_group: None,
     }
 }
 
@@ -114,8 +117,8 @@ fn scenario() {
     eprintln!("install (empty table): {:?}", t0.elapsed());
     assert!(fw.table_exists(&p.table).unwrap());
     let (a, b) = (open_sandbox(1), allow_sandbox(2));
-    fw.add_sandbox(&p, &a).unwrap();
-    fw.add_sandbox(&p, &b).unwrap();
+    fw.add_sandbox(&p, &a, &[]).unwrap();
+    fw.add_sandbox(&p, &b, &[]).unwrap();
     let out = list(&fw, &p);
     for needle in [
         "10.213.1.1 comment \"sbxt-1\" : accept",
@@ -136,17 +139,17 @@ fn scenario() {
     let mut clash = deny_sandbox(3);
     clash.published = a.published.clone();
     clash.published[0].port = 9000;
-    let err = fw.add_sandbox(&p, &clash).unwrap_err();
+    let err = fw.add_sandbox(&p, &clash, &[]).unwrap_err();
     assert!(matches!(err, NftError::Command(_)), "{err}");
     assert!(err.to_string().contains("File exists"), "{err}");
     assert!(!list(&fw, &p).contains("10.213.1.3"));
 
     // Remove one; removing it again (nothing left) is fine too.
-    fw.remove_sandbox(&p, &b).unwrap();
+    fw.remove_sandbox(&p, &b, &[]).unwrap();
     let out = list(&fw, &p);
     assert!(!out.contains("10.213.1.2"), "{out}");
     assert!(out.contains("10.213.1.1 comment"), "{out}");
-    fw.remove_sandbox(&p, &b).unwrap();
+    fw.remove_sandbox(&p, &b, &[]).unwrap();
 
     // Atomic reinstall with a different population; then removing a sandbox that the new table lacks
     // partially (a's vmap entry is present, its published port is not) removes what is there.
@@ -161,13 +164,48 @@ fn scenario() {
     );
     assert!(out.contains("10.213.1.2 . 198.18.9.9 . udp . 53"), "{out}");
     assert!(!out.contains("20001"), "{out}");
-    fw.remove_sandbox(&p, &a).unwrap();
+    fw.remove_sandbox(&p, &a, &[]).unwrap();
     assert!(!list(&fw, &p).contains("10.213.1.1"));
 
     // Policy change = remove + add.
-    fw.remove_sandbox(&p, &deny_sandbox(3)).unwrap();
-    fw.add_sandbox(&p, &open_sandbox(3)).unwrap();
+    fw.remove_sandbox(&p, &deny_sandbox(3), &[]).unwrap();
+    fw.add_sandbox(&p, &open_sandbox(3), &[]).unwrap();
     assert!(list(&fw, &p).contains("10.213.1.3 comment \"sbxt-3\" : accept"));
+
+    // Session peers: the set always holds every ordered pair of the group's current members.
+    let peer = |n: u32| SandboxRules {
+        peer_group: Some("s1".into()),
+        ..deny_sandbox(n)
+    };
+    fw.add_sandbox(&p, &peer(11), &[]).unwrap();
+    fw.add_sandbox(&p, &peer(12), &[addr(11)]).unwrap();
+    fw.add_sandbox(&p, &peer(13), &[addr(11), addr(12)])
+        .unwrap();
+    let pairs = |fw: &Firewall| -> usize {
+        let out = fw
+            .run(&format!("list set inet {} session_peers", p.table))
+            .unwrap();
+        out.matches(" . 10.213.1.1").count()
+    };
+    assert_eq!(pairs(&fw), 6, "{}", list(&fw, &p));
+    // 12 leaves: its pairs with 11 and 13 go, 11 <-> 13 stays.
+    fw.remove_sandbox(&p, &peer(12), &[addr(11), addr(13)])
+        .unwrap();
+    let out = list(&fw, &p);
+    assert_eq!(pairs(&fw), 2, "{out}");
+    assert!(out.contains("10.213.1.11 . 10.213.1.13"), "{out}");
+    assert!(out.contains("10.213.1.13 . 10.213.1.11"), "{out}");
+    assert!(!out.contains("10.213.1.12"), "{out}");
+    // A reinstall pairs the groups from the list.
+    fw.install(&p, &[peer(11), peer(12), peer(13), open_sandbox(3)])
+        .unwrap();
+    assert_eq!(pairs(&fw), 6);
+    for n in [11, 12] {
+        let rest: Vec<Ipv4Addr> = (n + 1..=13).map(addr).collect();
+        fw.remove_sandbox(&p, &peer(n), &rest).unwrap();
+    }
+    fw.remove_sandbox(&p, &peer(13), &[]).unwrap();
+    assert_eq!(pairs(&fw), 0, "{}", list(&fw, &p));
 
     // Timing: add/remove one sandbox with 0, 200 and 1000 others present (half allow-list, half open).
     let others: Vec<SandboxRules> = (100..1100)
@@ -199,10 +237,10 @@ fn scenario() {
             for n in 0..50 {
                 let sb = make(2000 + n);
                 let t0 = Instant::now();
-                fw.add_sandbox(&p, &sb).unwrap();
+                fw.add_sandbox(&p, &sb, &[]).unwrap();
                 let t1 = Instant::now();
                 // The single transaction (remove_sandbox would fall back silently).
-                fw.run(&render_remove(&p, &sb).unwrap()).unwrap();
+                fw.run(&render_remove(&p, &sb, &[]).unwrap()).unwrap();
                 adds.push(t1 - t0);
                 removes.push(t1.elapsed());
             }

@@ -1034,6 +1034,91 @@ fn sandboxes_cannot_reach_each_other() {
     assert_eq!(wget_ok(&c, &a.id, &url(a_addr, 8000)), "a");
 }
 
+/// An idle busybox sandbox in session `session` (the annotation a client's Session sets), opted in to its
+/// session's peers or not.
+fn in_session(name: &str, session: &str, session_peers: bool) -> CreateSandboxRequest {
+    let mut r = with_network(
+        name,
+        NetworkOptions {
+            session_peers,
+            ..NetworkOptions::default()
+        },
+    );
+    r.annotations
+        .insert("sandboxd.session".to_owned(), session.to_owned());
+    r
+}
+
+fn peer_pairs(table: &str) -> usize {
+    nft_element_counts(table)
+        .into_iter()
+        .filter(|(set, _)| set == "session_peers")
+        .map(|(_, n)| n)
+        .sum()
+}
+
+#[test]
+fn session_peers_reach_each_other_and_no_one_else() {
+    let d = Daemon::start();
+    d.import_busybox();
+    let c = d.client();
+    let table = d.network.nft_table.clone();
+    let a = create(&c, &in_session("peer-a", "s1", true));
+    // A peer's own policy does not matter between peers: b may not leave the host, nor accept the host.
+    let mut req_b = in_session("peer-b", "s1", true);
+    req_b.network.as_mut().unwrap().deny_egress = true;
+    let b = create(&c, &req_b);
+    let same_session_not_opted_in = create(&c, &in_session("peer-c", "s1", false));
+    let other_session = create(&c, &in_session("peer-d", "s2", true));
+    let all = [&a, &b, &same_session_not_opted_in, &other_session];
+    for (sb, body) in all.iter().zip(["a", "b", "c", "d"]) {
+        start_httpd(&c, &sb.id, 8000, body);
+    }
+    let [a_addr, b_addr, c_addr, d_addr] = all.map(address_of);
+    assert_eq!(peer_pairs(&table), 2, "a <-> b only");
+
+    assert_eq!(wget_ok(&c, &a.id, &url(b_addr, 8000)), "b");
+    assert_eq!(wget_ok(&c, &b.id, &url(a_addr, 8000)), "a");
+    for (from, to) in [
+        (&a, c_addr),
+        (&same_session_not_opted_in, a_addr),
+        (&other_session, a_addr),
+        (&a, d_addr),
+        (&b, d_addr),
+    ] {
+        wget_blocked(&c, &from.id, &url(to, 8000));
+    }
+
+    // A peer that leaves takes its pairs along; one that joins gets pairs with the members present.
+    c.delete(&b.id, true).expect("delete b");
+    assert_eq!(peer_pairs(&table), 0);
+    let e = create(&c, &in_session("peer-e", "s1", true));
+    start_httpd(&c, &e.id, 8000, "e");
+    assert_eq!(peer_pairs(&table), 2);
+    assert_eq!(wget_ok(&c, &e.id, &url(a_addr, 8000)), "a");
+    assert_eq!(wget_ok(&c, &a.id, &url(address_of(&e), 8000)), "e");
+    wget_blocked(&c, &e.id, &url(c_addr, 8000));
+
+    // The opt-in needs a session.
+    let mut lone = with_network(
+        "peer-lone",
+        NetworkOptions {
+            session_peers: true,
+            ..NetworkOptions::default()
+        },
+    );
+    let err = expect_api_error(c.create(&lone), ErrorCode::InvalidArgument, 400);
+    assert_eq!(field_of(&err), "network.session_peers");
+    lone.annotations
+        .insert("sandboxd.session".to_owned(), String::new());
+    let err = expect_api_error(c.create(&lone), ErrorCode::InvalidArgument, 400);
+    assert_eq!(field_of(&err), "network.session_peers");
+    for sb in [&a, &same_session_not_opted_in, &other_session, &e] {
+        c.delete(&sb.id, true).expect("delete");
+    }
+    assert_eq!(peer_pairs(&table), 0);
+}
+
 #[test]
 fn host_addresses_are_unreachable_from_sandboxes() {
     let (world, d) = world_and_daemon();

@@ -82,6 +82,11 @@ class NetworkOptions:
             ``deny_egress=True``. Bad rules are refused with :class:`~sandboxd.SandboxValidationError`
             naming the field (``network.egress[0].cidr``, ``network.egress[1].protocol``,
             ``network.egress[2].dns_name``).
+        session_peers: the opt-in to sandbox-to-sandbox traffic. Sandboxes of one :class:`~sandboxd.Session`
+            that all set it may connect to each other's addresses (:attr:`Sandbox.network
+            <sandboxd.Sandbox.network>` ``["address"]``), both ways, on every port, whatever their other
+            settings; every other pair of sandboxes stays unable to reach each other. Outside a session it
+            is refused (:class:`~sandboxd.SandboxValidationError`, ``field == "network.session_peers"``).
 
     ::
 
@@ -91,14 +96,18 @@ class NetworkOptions:
     deny_egress: bool = False
     deny_ingress: bool = True
     egress: Tuple[EgressRule, ...] = ()
+    session_peers: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         """The wire form."""
-        return {
+        d: Dict[str, Any] = {
             "deny_egress": self.deny_egress,
             "deny_ingress": self.deny_ingress,
             "egress": [r.to_dict() if isinstance(r, EgressRule) else dict(r) for r in self.egress],
         }
+        if self.session_peers:
+            d["session_peers"] = True
+        return d
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,10 @@ class ServiceWireForm(unittest.TestCase):
         self.assertEqual(
             NetworkOptions(deny_egress=True).to_dict(), {"deny_egress": True, "deny_ingress": True, "egress": []}
         )
+        self.assertEqual(
+            NetworkOptions(session_peers=True).to_dict(),
+            {"deny_egress": False, "deny_ingress": True, "egress": [], "session_peers": True},
+        )
 
     def test_exported(self) -> None:
         for name in ("Service", "SandboxPortInUseError", "NetworkOptions", "EgressRule"):

@@ -436,6 +436,44 @@ class Network(DaemonTestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.0 200"), answer[:100])
         self.assertTrue(answer.endswith(b"\r\n\r\nhi\n"), answer[-100:])
 
+    def test_session_peers_reach_each_other(self) -> None:
+        # Both opted in, in one session: b reaches a's server on a's address. A sandbox outside the
+        # session (opted in to its own) does not.
+        tag = self.tag()
+        server = (
+            "import http.server, socketserver, sys\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        self.send_response(200); self.end_headers(); self.wfile.write(b'peer')\n"
+            "s = socketserver.TCPServer(('0.0.0.0', 8000), H)\n"
+            "print('listening', flush=True)\n"
+            "s.serve_forever()\n"
+        )
+        fetch = (
+            "import sys, urllib.request\n"
+            "try:\n"
+            "    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\n"
+            "except OSError as e:\n"
+            "    print('blocked', e); sys.exit(7)\n"
+        )
+        peers = SandboxDefaults(tags=(RUN_TAG, tag), network=NetworkOptions(session_peers=True))
+        with Session(peers) as session, Session(peers) as other:
+            a = session.sandbox()
+            a.write_file("/srv/server.py", server.encode())
+            p = a.exec(["python3", "/srv/server.py"])
+            self.assertEqual(p.stdout.readline(timeout=BOUND), "listening\n")
+            url = f"http://{a.network['address']}:8000/"
+            r = session.sandbox().exec(["python3", "-c", fetch, url]).result()
+            self.assertEqual((r.returncode, r.stdout), (0, "peer\n"), r.stderr)
+            r = other.sandbox().exec(["python3", "-c", fetch, url]).result()
+            self.assertEqual(r.returncode, 7, r.stdout)
+
+    def test_session_peers_outside_a_session_is_refused(self) -> None:
+        sb = self.run_sandbox(network=NetworkOptions(session_peers=True))
+        with self.assertRaises(sandboxd.SandboxValidationError) as cm:
+            sb.wait(timeout=BOUND)
+        self.assertEqual(cm.exception.field, "network.session_peers")
+
     def test_network_info(self) -> None:
         sb = self.run_sandbox(
             network=NetworkOptions(egress=[EgressRule(cidr="198.18.1.0/24", ports=(443,), protocol="tcp")]),

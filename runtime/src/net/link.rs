@@ -248,6 +248,15 @@ pub async fn ensure_bridge(
         &format!("/proc/sys/net/ipv4/conf/{name}/route_localnet"),
         "1",
     )?;
+    // The ports are isolated, so a sandbox's ARP request for another sandbox reaches only the bridge: with
+    // private-VLAN proxy ARP the host answers it with the bridge's MAC (at once: no proxy delay), and
+    // sandbox-to-sandbox traffic is routed through the host, where the firewall's forward chain lets only
+    // session peers through. Without it such traffic would die unanswered at ARP (seconds, not a refusal).
+    write_sysctl(
+        &format!("/proc/sys/net/ipv4/conf/{name}/proxy_arp_pvlan"),
+        "1",
+    )?;
+    write_sysctl(&format!("/proc/sys/net/ipv4/neigh/{name}/proxy_delay"), "0")?;
     Ok(index)
 }
 

@@ -18,6 +18,10 @@
 //!   kernel drops them when they expire. Looked up by every `egress_allowlist_<k>` chain.
 //! - `ingress_open` (addresses): sandboxes that accept new inbound connections.
 //! - `published` (`host address . proto . host port` → `sandbox address . port`): published ports.
+//! - `session_peers` (`source . destination`): ordered pairs of sandboxes that may reach each other (both
+//!   opted in with `session_peers` and in the same session). A sandbox joining a group of `k` adds `2k`
+//!   elements, and leaving removes those with the members left: the set is always every ordered pair of each
+//!   group's current members, so an address handed out again never inherits a pair.
 //!
 //! Rules, in hook order:
 //!
@@ -25,7 +29,10 @@
 //!   work on 127.0.0.1; this is the guard against CVE-2020-8558).
 //! - nat prerouting (priority dstnat) and nat output (priority -100: nft 1.0.6 rejects `dstnat` on output):
 //!   DNAT of local destinations through `published`.
-//! - filter forward: bridge to bridge dropped (sandbox to sandbox; the bridge ports are isolated as well);
+//! - filter forward: bridge to bridge (sandbox to sandbox) accepted for the pairs in `session_peers`,
+//!   rejected otherwise. The bridge ports are isolated, so such traffic cannot go port to port: the bridge
+//!   answers ARP for every address with private-VLAN proxy ARP and routes it (see `link::ensure_bridge`);
+//!   the ICMP redirects that would send a sandbox to its peer directly are dropped in filter output;
 //!   to a sandbox: established, DNAT'd (published) or `ingress_open`, else drop; from a sandbox: established
 //!   accepted, link-local and the sandbox subnet rejected, then the source address's verdict in `egress_vmap`;
 //!   an unknown source is dropped.
@@ -33,7 +40,7 @@
 //!   accepted, DNS (udp and tcp port 53) to the gateway's address accepted (the daemon's forwarder), else
 //!   rejected: see [`host_services`].
 //! - filter output, new connections from the host out through the bridge: DNAT'd (published, e.g. from
-//!   127.0.0.1) or `ingress_open` accepted, else dropped.
+//!   127.0.0.1) or `ingress_open` accepted, else dropped; ICMP redirects into the bridge dropped.
 //! - nat postrouting: masquerade of the subnet out of any other interface (egress), and of the host's own
 //!   addresses into the bridge (the host reaching a published port through 127.0.0.1).
 //!
@@ -237,6 +244,10 @@ pub struct SandboxRules {
     /// New inbound connections accepted (`deny_ingress = false`).
     pub ingress_open: bool,
     pub published: Vec<Published>,
+    /// Its session, when it opted in to sandbox-to-sandbox traffic with the other members (`session_peers`):
+    /// [`render_table`] pairs the sandboxes of each group; [`render_add`] and [`render_remove`] take the
+    /// group's other members as an argument. Never rendered.
+    pub peer_group: Option<String>,
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -301,6 +312,7 @@ const INGRESS_OPEN: &str = "ingress_open";
 const EGRESS_DNS: &str = "egress_dns";
 const EGRESS_DNS_ANY: &str = "egress_dns_any";
 const PUBLISHED: &str = "published";
+const SESSION_PEERS: &str = "session_peers";
 const CHAIN_DENY: &str = "egress_deny";
 /// Prefix of the allow-list chains (`egress_allowlist_<shard>`).
 const CHAIN_ALLOWLIST: &str = "egress_allowlist";
@@ -505,14 +517,30 @@ fn disjoint(rects: &[Rect]) -> Vec<Rect> {
         .collect()
 }
 
-/// The elements one sandbox owns, in the order they are added (allow-list, egress verdict, ingress,
-/// published ports; removed in reverse).
-fn sandbox_elements(plan: &NetPlan, sb: &SandboxRules) -> Result<Vec<Element>, NftError> {
-    check_interface_name(&sb.host_if)?;
-    if !plan.subnet.contains(&sb.address) || sb.address == plan.gateway {
+fn check_sandbox_address(plan: &NetPlan, address: Ipv4Addr) -> Result<(), NftError> {
+    if !plan.subnet.contains(&address) || address == plan.gateway {
         return Err(NftError::InvalidRule(format!(
-            "sandbox address {} is not a host address of {} other than the gateway {}",
-            sb.address, plan.subnet, plan.gateway
+            "sandbox address {address} is not a host address of {} other than the gateway {}",
+            plan.subnet, plan.gateway
+        )));
+    }
+    Ok(())
+}
+
+/// The elements one sandbox owns, in the order they are added (allow-list, egress verdict, ingress,
+/// published ports, session peer pairs with each of `peers` both ways; removed in reverse). `peers` are the
+/// other current members of its peer group (empty without one).
+fn sandbox_elements(
+    plan: &NetPlan,
+    sb: &SandboxRules,
+    peers: &[Ipv4Addr],
+) -> Result<Vec<Element>, NftError> {
+    check_interface_name(&sb.host_if)?;
+    check_sandbox_address(plan, sb.address)?;
+    if !peers.is_empty() && sb.peer_group.is_none() {
+        return Err(NftError::InvalidRule(format!(
+            "sandbox {} has session peers but no peer group",
+            sb.address
         )));
     }
     let addr = sb.address.to_string();
@@ -578,6 +606,24 @@ fn sandbox_elements(plan: &NetPlan, sb: &SandboxRules) -> Result<Vec<Element>, N
             comment: comment.clone(),
             value: Some(format!("{addr} . {}", p.port)),
         });
+    }
+    let mut seen = BTreeSet::new();
+    for &peer in peers {
+        check_sandbox_address(plan, peer)?;
+        if peer == sb.address || !seen.insert(peer) {
+            return Err(NftError::InvalidRule(format!(
+                "session peer {peer} of {} is the sandbox itself or given twice",
+                sb.address
+            )));
+        }
+        for (from, to) in [(sb.address, peer), (peer, sb.address)] {
+            out.push(Element {
+                set: SESSION_PEERS.into(),
+                key: format!("{from} . {to}"),
+                comment: comment.clone(),
+                value: None,
+            });
+        }
     }
     Ok(out)
 }
@@ -658,6 +704,8 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
     let mut elements: Vec<Element> = Vec::new();
     let mut owners: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
     let mut published: BTreeMap<String, &str> = BTreeMap::new();
+    // Each sandbox pairs with the members of its group listed before it: every pair once.
+    let mut groups: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
     for sb in sandboxes {
         if let Some(other) = owners.insert(sb.address, &sb.host_if) {
             return Err(NftError::InvalidRule(format!(
@@ -665,7 +713,16 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
                 sb.address, sb.host_if
             )));
         }
-        let es = sandbox_elements(plan, sb)?;
+        let earlier = match &sb.peer_group {
+            Some(g) => {
+                let members = groups.entry(g).or_default();
+                let earlier = members.clone();
+                members.push(sb.address);
+                earlier
+            }
+            None => Vec::new(),
+        };
+        let es = sandbox_elements(plan, sb, &earlier)?;
         for e in es.iter().filter(|e| e.set == PUBLISHED) {
             if let Some(other) = published.insert(e.key.clone(), &sb.host_if) {
                 return Err(NftError::InvalidRule(format!(
@@ -699,8 +756,12 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
         .iter()
         .map(|r| format!("\t\t{r}\n"))
         .collect();
-    let (vmap_elems, ingress_elems, published_elems) =
-        (elems(EGRESS_VMAP), elems(INGRESS_OPEN), elems(PUBLISHED));
+    let (vmap_elems, ingress_elems, published_elems, peer_elems) = (
+        elems(EGRESS_VMAP),
+        elems(INGRESS_OPEN),
+        elems(PUBLISHED),
+        elems(SESSION_PEERS),
+    );
     let (mut allow_sets, mut allow_chains) = (String::new(), String::new());
     for k in 0..ALLOW_SHARDS {
         let set = format!("{EGRESS_ALLOW}_{k}");
@@ -769,6 +830,11 @@ table inet {t} {{
 		comment "published ports: host address . protocol . host port -> sandbox address . port"
 {published_elems}	}}
 
+	set {SESSION_PEERS} {{
+		type ipv4_addr . ipv4_addr
+		comment "sandboxes of one session that both opted in (session_peers): source . destination, both ways"
+{peer_elems}	}}
+
 	chain raw_prerouting {{
 		type filter hook prerouting priority raw; policy accept;
 		iifname != "lo" ip daddr 127.0.0.0/8 counter drop comment "127.0.0.0/8 only from lo: guard for route_localnet on {br} (CVE-2020-8558)"
@@ -792,7 +858,8 @@ table inet {t} {{
 
 	chain forward {{
 		type filter hook forward priority filter; policy accept;
-		iifname "{br}" oifname "{br}" counter drop comment "sandbox to sandbox (the bridge ports are isolated too; seen here with br_netfilter)"
+		iifname "{br}" oifname "{br}" ip saddr . ip daddr @{SESSION_PEERS} accept comment "session peers (routed by the host: the bridge ports are isolated, the bridge answers ARP for them)"
+		iifname "{br}" oifname "{br}" counter {reject} comment "sandbox to sandbox"
 		oifname "{br}" jump to_sandbox comment "into a sandbox"
 		iifname "{br}" jump from_sandbox comment "out of a sandbox"
 	}}
@@ -827,6 +894,7 @@ table inet {t} {{
 
 	chain output {{
 		type filter hook output priority filter; policy accept;
+		oifname "{br}" icmp type redirect counter drop comment "a redirect would send a sandbox to its session peer directly, past the isolated ports"
 		oifname "{br}" ct state new jump host_to_sandbox comment "new connections from the host into a sandbox"
 	}}
 
@@ -841,9 +909,13 @@ table inet {t} {{
 }
 
 /// One transaction adding a sandbox's elements.
-pub fn render_add(plan: &NetPlan, sb: &SandboxRules) -> Result<String, NftError> {
+pub fn render_add(
+    plan: &NetPlan,
+    sb: &SandboxRules,
+    peers: &[Ipv4Addr],
+) -> Result<String, NftError> {
     check_plan(plan)?;
-    let elements = sandbox_elements(plan, sb)?;
+    let elements = sandbox_elements(plan, sb, peers)?;
     let mut s = String::new();
     for (set, es) in by_set(&elements) {
         let list: Vec<String> = es.iter().map(|e| e.full()).collect();
@@ -861,10 +933,11 @@ pub fn render_add(plan: &NetPlan, sb: &SandboxRules) -> Result<String, NftError>
 fn delete_commands(
     plan: &NetPlan,
     sb: &SandboxRules,
+    peers: &[Ipv4Addr],
     per_element: bool,
 ) -> Result<Vec<String>, NftError> {
     check_plan(plan)?;
-    let elements = sandbox_elements(plan, sb)?;
+    let elements = sandbox_elements(plan, sb, peers)?;
     let mut out = Vec::new();
     for (set, es) in by_set(&elements).into_iter().rev() {
         let t = &plan.table;
@@ -885,9 +958,14 @@ fn delete_commands(
 }
 
 /// One transaction removing exactly the elements [`render_add`] (or [`render_table`]) created for `sb`, in
-/// reverse order. It fails as a whole if any of them is missing; see [`Firewall::remove_sandbox`].
-pub fn render_remove(plan: &NetPlan, sb: &SandboxRules) -> Result<String, NftError> {
-    Ok(delete_commands(plan, sb, false)?
+/// reverse order, with its pairs with `peers` (the members of its group that remain). It fails as a whole if
+/// any of them is missing; see [`Firewall::remove_sandbox`].
+pub fn render_remove(
+    plan: &NetPlan,
+    sb: &SandboxRules,
+    peers: &[Ipv4Addr],
+) -> Result<String, NftError> {
+    Ok(delete_commands(plan, sb, peers, false)?
         .into_iter()
         .map(|c| c + "\n")
         .collect())
@@ -1088,9 +1166,15 @@ impl Firewall {
     }
 
     /// Adds a sandbox's elements in one transaction (all or nothing). Fails if one of them exists with
-    /// another value (same address or published port still in use).
-    pub fn add_sandbox(&self, plan: &NetPlan, sb: &SandboxRules) -> Result<(), NftError> {
-        let cmds = render_add(plan, sb)?;
+    /// another value (same address or published port still in use). `peers`: the other current members of
+    /// its peer group.
+    pub fn add_sandbox(
+        &self,
+        plan: &NetPlan,
+        sb: &SandboxRules,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), NftError> {
+        let cmds = render_add(plan, sb, peers)?;
         let t0 = Instant::now();
         self.run(&cmds)?;
         tracing::debug!(address = %sb.address, elapsed = ?t0.elapsed(), "nft sandbox added");
@@ -1100,8 +1184,14 @@ impl Firewall {
     /// Removes a sandbox's elements. One transaction when they are all present (the normal case); otherwise
     /// (e.g. the table was reinstalled without them, or a previous removal went through) each element is
     /// deleted on its own and those already missing are ignored. A missing table counts as nothing to remove.
-    pub fn remove_sandbox(&self, plan: &NetPlan, sb: &SandboxRules) -> Result<(), NftError> {
-        let cmds = render_remove(plan, sb)?;
+    /// `peers`: the members of its peer group that remain.
+    pub fn remove_sandbox(
+        &self,
+        plan: &NetPlan,
+        sb: &SandboxRules,
+        peers: &[Ipv4Addr],
+    ) -> Result<(), NftError> {
+        let cmds = render_remove(plan, sb, peers)?;
         let t0 = Instant::now();
         let first = match self.run(&cmds) {
             Ok(_) => {
@@ -1111,7 +1201,7 @@ impl Firewall {
             Err(e) => e,
         };
         tracing::debug!(address = %sb.address, error = %first, "nft: removing element by element");
-        for cmd in delete_commands(plan, sb, true)? {
+        for cmd in delete_commands(plan, sb, peers, true)? {
             match self.run(&cmd) {
                 Ok(_) => {}
                 Err(NftError::Command(msg)) if is_missing(&msg) => {}
@@ -1203,6 +1293,7 @@ mod tests {
             egress,
             ingress_open: false,
             published: vec![],
+            peer_group: None,
         }
     }
 
@@ -1270,29 +1361,29 @@ mod tests {
         let mut p = plan();
         p.table = "t; flush ruleset".into();
         assert!(matches!(
-            render_add(&p, &sandbox("10.213.0.2", Egress::Open)),
+            render_add(&p, &sandbox("10.213.0.2", Egress::Open), &[]),
             Err(NftError::InvalidName { what: "table", .. })
         ));
         let mut sb = sandbox("10.213.0.2", Egress::Open);
         sb.host_if = "sbxs-a\" : drop".into();
         assert!(matches!(
-            render_add(&plan(), &sb),
+            render_add(&plan(), &sb, &[]),
             Err(NftError::InvalidName { .. })
         ));
         assert!(matches!(
-            render_remove(&plan(), &sb),
+            render_remove(&plan(), &sb, &[]),
             Err(NftError::InvalidName { .. })
         ));
     }
 
     #[test]
     fn open_sandbox() {
-        let add = render_add(&plan(), &sandbox("10.213.0.2", Egress::Open)).unwrap();
+        let add = render_add(&plan(), &sandbox("10.213.0.2", Egress::Open), &[]).unwrap();
         assert_eq!(
             add,
             "add element inet sbxt_unit egress_vmap { 10.213.0.2 comment \"sbxt-a\" : accept }\n"
         );
-        let rm = render_remove(&plan(), &sandbox("10.213.0.2", Egress::Open)).unwrap();
+        let rm = render_remove(&plan(), &sandbox("10.213.0.2", Egress::Open), &[]).unwrap();
         assert_eq!(
             rm,
             "delete element inet sbxt_unit egress_vmap { 10.213.0.2 }\n"
@@ -1301,7 +1392,7 @@ mod tests {
 
     #[test]
     fn deny_sandbox() {
-        let add = render_add(&plan(), &sandbox("10.213.0.2", Egress::Deny)).unwrap();
+        let add = render_add(&plan(), &sandbox("10.213.0.2", Egress::Deny), &[]).unwrap();
         assert!(add.contains("{ 10.213.0.2 comment \"sbxt-a\" : jump egress_deny }"));
     }
 
@@ -1316,7 +1407,7 @@ mod tests {
                 rule("198.18.9.0/24", Proto::Tcp, Some((8000, 8100))),
             ]),
         );
-        let add = render_add(&plan(), &sb).unwrap();
+        let add = render_add(&plan(), &sb, &[]).unwrap();
         assert_eq!(
             add,
             "add element inet sbxt_unit egress_allow_3 { \
@@ -1327,7 +1418,7 @@ mod tests {
              add element inet sbxt_unit egress_vmap { 10.213.0.3 comment \"sbxt-a\" : jump egress_allowlist_3 }\n"
         );
         // An empty allow-list lets nothing out but is still the allow-list chain.
-        let add = render_add(&plan(), &sandbox("10.213.0.3", Egress::Allow(vec![]))).unwrap();
+        let add = render_add(&plan(), &sandbox("10.213.0.3", Egress::Allow(vec![])), &[]).unwrap();
         assert_eq!(
             add,
             "add element inet sbxt_unit egress_vmap { 10.213.0.3 comment \"sbxt-a\" : jump egress_allowlist_3 }\n"
@@ -1339,6 +1430,7 @@ mod tests {
                 "10.213.0.3",
                 Egress::Allow(vec![rule("198.18.1.9/24", Proto::Tcp, None)]),
             ),
+            &[],
         )
         .unwrap();
         assert!(add.contains("10.213.0.3 . 198.18.1.0/24 . tcp . 0-65535"));
@@ -1348,7 +1440,8 @@ mod tests {
                 &sandbox(
                     "10.213.0.3",
                     Egress::Allow(vec![rule("198.18.1.0/24", Proto::Tcp, Some((90, 80)))])
-                )
+                ),
+                &[]
             ),
             Err(NftError::InvalidRule(_))
         ));
@@ -1459,14 +1552,75 @@ mod tests {
                     port: 8000,
                 },
             ],
+            peer_group: None,
         }
+    }
+
+    #[test]
+    fn session_peers_are_pairs_both_ways_and_the_table_pairs_each_group_once() {
+        let member = |addr: &str, group: &str| SandboxRules {
+            peer_group: Some(group.into()),
+            ..sandbox(addr, Egress::Open)
+        };
+        let a: Ipv4Addr = "10.213.0.2".parse().unwrap();
+        let add = render_add(&plan(), &member("10.213.0.3", "s"), &[a]).unwrap();
+        assert!(
+            add.contains("add element inet sbxt_unit session_peers { 10.213.0.3 . 10.213.0.2 comment \"sbxt-a\", 10.213.0.2 . 10.213.0.3 comment \"sbxt-a\" }"),
+            "{add}"
+        );
+        let rm = render_remove(&plan(), &member("10.213.0.3", "s"), &[a]).unwrap();
+        assert!(
+            rm.starts_with(
+                "delete element inet sbxt_unit session_peers { 10.213.0.3 . 10.213.0.2, 10.213.0.2 . 10.213.0.3 }"
+            ),
+            "{rm}"
+        );
+        // Peers without a group, the sandbox itself, a peer twice or outside the subnet: refused.
+        assert!(render_add(&plan(), &sandbox("10.213.0.3", Egress::Open), &[a]).is_err());
+        let me = member("10.213.0.3", "s");
+        for bad in [
+            vec![me.address],
+            vec![a, a],
+            vec!["10.214.0.2".parse().unwrap()],
+            vec![plan().gateway],
+        ] {
+            assert!(render_add(&plan(), &me, &bad).is_err(), "{bad:?}");
+        }
+        let table = render_table(
+            &plan(),
+            &[
+                member("10.213.0.2", "s"),
+                member("10.213.0.3", "t"),
+                member("10.213.0.4", "s"),
+                member("10.213.0.5", "s"),
+                sandbox("10.213.0.6", Egress::Open),
+            ],
+        )
+        .unwrap();
+        let set = table
+            .split("set session_peers {")
+            .nth(1)
+            .and_then(|s| s.split('}').next())
+            .unwrap();
+        // Group s: 3 members, 6 ordered pairs; group t alone: none.
+        assert_eq!(set.matches(" comment \"sbxt-a\"").count(), 6, "{set}");
+        for (x, y) in [(2, 4), (4, 2), (2, 5), (5, 2), (4, 5), (5, 4)] {
+            assert!(
+                set.contains(&format!("10.213.0.{x} . 10.213.0.{y} ")),
+                "{set}"
+            );
+        }
+        assert!(
+            !set.contains("10.213.0.3") && !set.contains("10.213.0.6"),
+            "{set}"
+        );
     }
 
     #[test]
     fn remove_is_the_inverse_of_add() {
         let sb = full_sandbox();
-        let add = render_add(&plan(), &sb).unwrap();
-        let rm = render_remove(&plan(), &sb).unwrap();
+        let add = render_add(&plan(), &sb, &[]).unwrap();
+        let rm = render_remove(&plan(), &sb, &[]).unwrap();
         // Same sets, reverse order, same keys without comments and values.
         let adds: Vec<&str> = add.lines().collect();
         let rms: Vec<&str> = rm.lines().rev().collect();
@@ -1500,7 +1654,7 @@ mod tests {
              delete element inet sbxt_unit egress_vmap { 10.213.0.4 }\n"
         ));
         // Element by element (the fallback of remove_sandbox): the same keys, one per command.
-        let each = delete_commands(&plan(), &sb, true).unwrap();
+        let each = delete_commands(&plan(), &sb, &[], true).unwrap();
         assert_eq!(each.len(), 6);
         assert!(each
             .iter()
@@ -1509,7 +1663,7 @@ mod tests {
 
     #[test]
     fn published_and_ingress_elements() {
-        let add = render_add(&plan(), &full_sandbox()).unwrap();
+        let add = render_add(&plan(), &full_sandbox(), &[]).unwrap();
         assert!(add.contains(
             "add element inet sbxt_unit ingress_open { 10.213.0.4 comment \"sbxt-c\" }\n"
         ));
@@ -1524,7 +1678,7 @@ mod tests {
         let p = plan();
         for addr in ["10.213.1.2", "10.213.0.1"] {
             assert!(matches!(
-                render_add(&p, &sandbox(addr, Egress::Open)),
+                render_add(&p, &sandbox(addr, Egress::Open), &[]),
                 Err(NftError::InvalidRule(_))
             ));
         }
@@ -1538,12 +1692,12 @@ mod tests {
             });
             sb
         };
-        assert!(render_add(&p, &publish(Ipv4Addr::UNSPECIFIED, 80, 80)).is_err());
-        assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 0, 80)).is_err());
-        assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 80, 0)).is_err());
+        assert!(render_add(&p, &publish(Ipv4Addr::UNSPECIFIED, 80, 80), &[]).is_err());
+        assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 0, 80), &[]).is_err());
+        assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 80, 0), &[]).is_err());
         let mut twice = publish(Ipv4Addr::LOCALHOST, 80, 80);
         twice.published.push(twice.published[0]);
-        assert!(render_add(&p, &twice).is_err());
+        assert!(render_add(&p, &twice, &[]).is_err());
         let mut other = p.clone();
         other.gateway = "10.9.9.9".parse().unwrap();
         assert!(render_table(&other, &[]).is_err());

@@ -105,6 +105,7 @@ pub(crate) fn options(
         deny_egress,
         deny_ingress: !allow_ingress,
         egress,
+        session_peers: false,
     }))
 }
 
