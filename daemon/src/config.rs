@@ -90,6 +90,11 @@ pub struct NetworkConfig {
     /// The sandboxes' IPv4 subnet; the bridge (gateway) has its first address. Must not overlap a network
     /// the host already has.
     pub subnet: ipnet::Ipv4Net,
+    /// The sandboxes' IPv6 subnet (optional; without it sandboxes have no IPv6). The bridge has its first
+    /// address; a sandbox's address is the subnet's start plus its IPv4 address's index in `subnet`. Must not
+    /// overlap a network the host has, and must hold as many addresses as `subnet` (prefix length at most
+    /// 96 + that of `subnet`). Turns on `net.ipv6.conf.all.forwarding`.
+    pub subnet6: Option<ipnet::Ipv6Net>,
     /// The nftables table (`inet <name>`) sandboxd owns.
     pub nft_table: String,
     /// Prefix of the host ends of the sandboxes' veth pairs (at most 6 characters; 8 hex characters follow).
@@ -109,6 +114,7 @@ impl Default for NetworkConfig {
             mode: NetworkMode::Bridge,
             bridge: "sandboxd0".to_owned(),
             subnet: "10.88.0.0/16".parse().unwrap_or_default(),
+            subnet6: None,
             nft_table: "sandboxd".to_owned(),
             veth_prefix: "sbx".to_owned(),
             dns: Vec::new(),
@@ -168,6 +174,32 @@ impl NetworkConfig {
                 "network.subnet {}: not a usable unicast network",
                 self.subnet
             ));
+        }
+        if let Some(s6) = self.subnet6 {
+            if s6 != s6.trunc() {
+                return bad(format!(
+                    "network.subnet6 {s6}: host bits are set (did you mean {}?)",
+                    s6.trunc()
+                ));
+            }
+            if s6.prefix_len() < 16 || s6.prefix_len() > 96 + self.subnet.prefix_len() {
+                return bad(format!(
+                    "network.subnet6 {s6}: the prefix length must be 16 to {} (as many addresses as network.subnet {})",
+                    96 + self.subnet.prefix_len(),
+                    self.subnet
+                ));
+            }
+            let n = s6.network();
+            if n.is_loopback()
+                || n.is_multicast()
+                || n.is_unspecified()
+                || n.segments()[0] & 0xffc0 == 0xfe80
+                || n.to_ipv4_mapped().is_some()
+            {
+                return bad(format!(
+                    "network.subnet6 {s6}: not a usable unicast network"
+                ));
+            }
         }
         if self.dns_search.iter().any(|d| {
             d.is_empty()
@@ -384,7 +416,22 @@ mod tests {
         .unwrap();
         assert_eq!(c.network.subnet.to_string(), "10.213.5.0/24");
         assert_eq!(c.network.mode, NetworkMode::Bridge);
+        assert_eq!(c.network.subnet6, None);
+        let c = Config::parse(
+            "[network]\nsubnet = \"10.213.5.0/24\"\nsubnet6 = \"fd5b:d0c0:5::/64\"\n",
+            "x",
+        )
+        .unwrap();
+        assert_eq!(
+            c.network.subnet6.map(|s| s.to_string()).as_deref(),
+            Some("fd5b:d0c0:5::/64")
+        );
         for bad in [
+            "[network]\nsubnet6 = \"fd5b:d0c0:5::1/64\"\n",
+            "[network]\nsubnet6 = \"fd5b:d0c0:5::/120\"\n",
+            "[network]\nsubnet6 = \"fe80::/64\"\n",
+            "[network]\nsubnet6 = \"ff02::/64\"\n",
+            "[network]\nsubnet6 = \"10.0.0.0/8\"\n",
             "[network]\nsubnet = \"10.213.5.1/24\"\n",
             "[network]\nsubnet = \"10.213.5.0/30\"\n",
             "[network]\nsubnet = \"127.0.0.0/8\"\n",

@@ -11,12 +11,14 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 
-use ipnet::Ipv4Net;
+use std::net::Ipv6Addr;
+
+use ipnet::{Ipv4Net, Ipv6Net};
 use sandbox_proto::{ApiError, ErrorCode, ExposedPort, NetworkInfo, NetworkOptions, ServiceSpec};
 use sandbox_runtime::net::nft::{
-    AllowRule, Egress, Firewall, NetPlan, Proto, Published, SandboxRules,
+    AllowRule, Egress, Firewall, NetPlan, Plan6, Proto, Published, SandboxRules,
 };
-use sandbox_runtime::net::NetAttach;
+use sandbox_runtime::net::{Attach6, NetAttach};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{NetworkConfig, NetworkMode};
@@ -34,6 +36,14 @@ pub enum NetworkInitError {
     /// Links (bridge, sysctls).
     #[error("{0}")]
     Link(#[from] sandbox_runtime::net::link::LinkError),
+    /// The configured IPv6 subnet collides with the host's networks.
+    #[error("network.subnet6 {subnet} overlaps {other}, a network this host already has; configure another [network] subnet6")]
+    Overlap6 {
+        /// Ours.
+        subnet: Ipv6Net,
+        /// The host's.
+        other: Ipv6Net,
+    },
     /// The configured subnet collides with the host's networks.
     #[error("network.subnet {subnet} overlaps {other}, a network this host already has; configure another [network] subnet")]
     Overlap {
@@ -61,6 +71,12 @@ pub struct NetRecord {
     /// The nameservers in its `/etc/resolv.conf`.
     #[serde(default)]
     pub dns: Vec<Ipv4Addr>,
+    /// Its IPv6 address, where the daemon has an IPv6 subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
+    /// Its IPv6 gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     /// Its session, when it opted in to traffic with the session's other opted-in sandboxes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_group: Option<String>,
@@ -73,6 +89,8 @@ impl NetRecord {
             mode: "bridge".to_owned(),
             address: Some(self.address.to_string()),
             gateway: Some(self.gateway.to_string()),
+            address6: self.address6.map(|a| a.to_string()),
+            gateway6: self.gateway6.map(|a| a.to_string()),
             interface: Some("eth0".to_owned()),
             host_interface: Some(self.host_if.clone()),
             dns: self.dns.iter().map(ToString::to_string).collect(),
@@ -466,11 +484,36 @@ impl Network {
             }
         }
         let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        let v6 = match cfg.subnet6 {
+            Some(subnet6) => {
+                for other in sandbox_runtime::net::link::host_ipv6_networks(&cfg.bridge).await? {
+                    if other.contains(&subnet6.network()) || subnet6.contains(&other.network()) {
+                        return Err(NetworkInitError::Overlap6 {
+                            subnet: subnet6,
+                            other,
+                        });
+                    }
+                }
+                if sandbox_runtime::net::link::set_ipv6_forwarding()? {
+                    tracing::info!("enabled IPv6 forwarding (net.ipv6.conf.all.forwarding=1) for sandbox egress; interfaces with accept_ra=1 now ignore router advertisements");
+                }
+                Some(Plan6 {
+                    subnet: subnet6,
+                    gateway: Ipv6Addr::from(u128::from(subnet6.network()) + 1),
+                })
+            }
+            None => None,
+        };
         if sandbox_runtime::net::link::set_ip_forward()? {
             tracing::info!("enabled IPv4 forwarding (net.ipv4.ip_forward=1) for sandbox egress");
         }
-        sandbox_runtime::net::link::ensure_bridge(&cfg.bridge, gateway, subnet.prefix_len())
-            .await?;
+        sandbox_runtime::net::link::ensure_bridge(
+            &cfg.bridge,
+            gateway,
+            subnet.prefix_len(),
+            v6.map(|v| (v.gateway, v.subnet.prefix_len())),
+        )
+        .await?;
         let dns = if cfg.dns.is_empty() {
             host_resolvers()
         } else {
@@ -485,6 +528,7 @@ impl Network {
             bridge: cfg.bridge.clone(),
             subnet,
             gateway,
+            v6,
         };
         // The DNS forwarder (for `dns_name` rules) on the gateway, now that the bridge has the address.
         let upstreams = if dns.is_empty() {
@@ -589,6 +633,16 @@ impl Network {
         .with_details(serde_json::json!({"resource": "addresses"})))
     }
 
+    /// The IPv6 address that goes with a sandbox's IPv4 address: the IPv6 subnet's start plus the IPv4
+    /// address's index in its subnet (so IPv6 addresses need no allocation of their own).
+    fn address6(&self, address: Ipv4Addr) -> Option<Ipv6Addr> {
+        let v6 = self.plan.v6?;
+        let index = u32::from(address).wrapping_sub(u32::from(self.plan.subnet.network()));
+        Some(Ipv6Addr::from(
+            u128::from(v6.subnet.network()) + u128::from(index),
+        ))
+    }
+
     /// A fresh name for a veth's host end: the prefix and 8 random hex characters.
     fn veth_name(&self) -> String {
         format!(
@@ -620,6 +674,13 @@ impl Network {
             address: lease.address,
             prefix_len: self.cfg.subnet.prefix_len(),
             gateway: self.gateway,
+            v6: self
+                .address6(lease.address)
+                .zip(self.plan.v6)
+                .map(|(a, v6)| Attach6 {
+                    address: a,
+                    gateway: v6.gateway,
+                }),
         }
     }
 
@@ -681,6 +742,7 @@ impl Network {
         }
         let rules = SandboxRules {
             address: lease.address,
+            address6: self.address6(lease.address),
             host_if: lease.host_if.clone(),
             egress: policy.egress.clone(),
             ingress_open: !policy.options.deny_ingress,
@@ -723,6 +785,8 @@ impl Network {
                 self.dns.clone()
             },
             peer_group: policy.peer_group.clone(),
+            address6: self.address6(lease.address),
+            gateway6: self.plan.v6.map(|v| v.gateway),
         })
     }
 
@@ -770,6 +834,7 @@ impl Network {
                 dns,
                 rules: SandboxRules {
                     address: rec.address,
+                    address6: rec.address6.filter(|_| self.plan.v6.is_some()),
                     host_if: rec.host_if.clone(),
                     egress: policy.egress,
                     ingress_open: !rec.policy.deny_ingress,

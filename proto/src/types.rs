@@ -276,6 +276,12 @@ pub struct NetworkInfo {
     /// Its default gateway (the bridge's address).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
+    /// Its IPv6 address, where the daemon has an IPv6 subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<String>,
+    /// Its IPv6 default gateway (the bridge's IPv6 address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<String>,
     /// The interface inside (`eth0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interface: Option<String>,

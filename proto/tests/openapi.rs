@@ -296,6 +296,8 @@ fn full_network_info() -> NetworkInfo {
         mode: "bridge".into(),
         address: Some("10.88.0.2".into()),
         gateway: Some("10.88.0.1".into()),
+        address6: Some("fd00:88::2".into()),
+        gateway6: Some("fd00:88::1".into()),
         interface: Some("eth0".into()),
         host_interface: Some("sbx01234567".into()),
         dns: vec!["192.0.2.53".into()],

@@ -17,6 +17,7 @@ fn plan() -> NetPlan {
         bridge: "sbxt-br0".into(),
         subnet: "10.213.0.0/16".parse().unwrap(),
         gateway: "10.213.0.1".parse().unwrap(),
+        v6: None,
     }
 }
 
@@ -37,6 +38,7 @@ fn open_sandbox(n: u32) -> SandboxRules {
             port: 8000,
         }],
         peer_group: None,
+        address6: None,
     }
 }
 
@@ -72,6 +74,7 @@ fn allow_sandbox(n: u32) -> SandboxRules {
             },
         ],
         peer_group: None,
+        address6: None,
     }
 }
 
@@ -83,6 +86,7 @@ fn deny_sandbox(n: u32) -> SandboxRules {
         ingress_open: false,
         published: vec![],
         peer_group: None,
+        address6: None,
     }
 }
 
@@ -206,6 +210,31 @@ fn scenario() {
     }
     fw.remove_sandbox(&p, &peer(13), &[]).unwrap();
     assert_eq!(pairs(&fw), 0, "{}", list(&fw, &p));
+
+    // IPv6: the table with an IPv6 subnet is accepted by the kernel, and a sandbox's IPv6 elements come and go.
+    let mut p6 = p.clone();
+    p6.v6 = Some(sandbox_runtime::net::nft::Plan6 {
+        subnet: "fd5b:d0c0:213::/64".parse().unwrap(),
+        gateway: "fd5b:d0c0:213::1".parse().unwrap(),
+    });
+    let with6 = |mut sb: SandboxRules, n: u32| {
+        sb.address6 = Some(format!("fd5b:d0c0:213::{n:x}").parse().unwrap());
+        sb
+    };
+    fw.install(&p6, &[with6(open_sandbox(3), 3)]).unwrap();
+    let sb = with6(allow_sandbox(4), 4);
+    fw.add_sandbox(&p6, &sb, &[]).unwrap();
+    let out = list(&fw, &p6);
+    for needle in [
+        "fd5b:d0c0:213::3 comment \"sbxt-3\" : accept",
+        "fd5b:d0c0:213::4 comment \"sbxt-4\" : jump egress_deny",
+        "ip6 saddr fd5b:d0c0:213::/64 masquerade",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+    }
+    fw.remove_sandbox(&p6, &sb, &[]).unwrap();
+    assert!(!list(&fw, &p6).contains("fd5b:d0c0:213::4"));
+    fw.install(&p, &[open_sandbox(3)]).unwrap();
 
     // Timing: add/remove one sandbox with 0, 200 and 1000 others present (half allow-list, half open).
     let others: Vec<SandboxRules> = (100..1100)

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{AsFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -373,6 +373,8 @@ pub struct NetSettings {
     pub prefix_len: u8,
     /// Further `key = value` lines of the `[network]` section.
     pub extra: String,
+    /// An IPv6 subnet too (`subnet6 = "fd5b:d0c0:XX::/64"`, XX the claimed index).
+    pub ipv6: bool,
 }
 
 /// A test daemon's network as configured: what its leak checks look for.
@@ -386,6 +388,8 @@ pub struct DaemonNetwork {
     pub subnet: String,
     /// The gateway (the bridge's address), when the subnet was generated here.
     pub gateway: Option<Ipv4Addr>,
+    /// The IPv6 subnet and gateway, when one was generated here.
+    pub subnet6: Option<(String, Ipv6Addr)>,
     /// The nftables table (`inet`).
     pub nft_table: String,
     /// Prefix of the host ends of the sandboxes' veth pairs.
@@ -426,6 +430,12 @@ impl DaemonNetwork {
             bridge: format!("sbxtb{x:02x}"),
             subnet: format!("10.213.{x}.0/{prefix_len}"),
             gateway: Some(Ipv4Addr::new(10, 213, x, 1)),
+            subnet6: settings.ipv6.then(|| {
+                (
+                    format!("fd5b:d0c0:{x:x}::/64"),
+                    Ipv6Addr::new(0xfd5b, 0xd0c0, u16::from(x), 0, 0, 0, 0, 1),
+                )
+            }),
             nft_table: format!("sbxt_{x:02x}"),
             veth_prefix: format!("sbt{x:02x}"),
             claim: Some(claim),
@@ -434,6 +444,9 @@ impl DaemonNetwork {
             "\n[network]\nmode = \"bridge\"\nbridge = \"{}\"\nsubnet = \"{}\"\nnft_table = \"{}\"\nveth_prefix = \"{}\"\n",
             net.bridge, net.subnet, net.nft_table, net.veth_prefix
         );
+        if let Some((subnet6, _)) = &net.subnet6 {
+            section.push_str(&format!("subnet6 = \"{subnet6}\"\n"));
+        }
         if !settings.dns.is_empty() {
             let list: Vec<String> = settings.dns.iter().map(|d| format!("{d:?}")).collect();
             section.push_str(&format!("dns = [{}]\n", list.join(", ")));
@@ -481,6 +494,7 @@ impl DaemonNetwork {
             bridge: get("bridge", "sandboxd0"),
             subnet: get("subnet", "10.88.0.0/16"),
             gateway: None,
+            subnet6: None,
             nft_table: get("nft_table", "sandboxd"),
             veth_prefix: get("veth_prefix", "sbx"),
             claim: None,
@@ -542,11 +556,12 @@ impl DaemonNetwork {
 
 /// The test's stand-in for the internet: network namespace `sbxt-out-<n>`, connected to the host by the
 /// veth `sbxto<n>` (host 198.18.n.1/30, outside 198.18.n.2/30), with the "remote" addresses 198.19.n.10,
-/// .11 and .53 (and 169.254.169.254) on its loopback, routed from the host through the veth. It has no
-/// route back to any sandbox subnet: only the daemon's masquerade lets answers return.
+/// .11 and .53 (and 169.254.169.254) on its loopback, routed from the host through the veth; for IPv6 the
+/// veth has 2001:db8:18:n::1/64 (host) and ::2 (outside), and 2001:db8:19:n::10 is the remote address. It has
+/// no route back to any sandbox subnet: only the daemon's masquerade lets answers return.
 ///
 /// Services (a python3 stdlib script, `outside_world.py`, one process):
-/// - HTTP on `a:8080`, `a:8081`, `b:8080` and `169.254.169.254:80`, answering `CLIENT_IP SERVER_IP:PORT`,
+/// - HTTP on `a:8080`, `a:8081`, `b:8080`, `[a6]:8080` and `169.254.169.254:80`, answering `CLIENT_IP SERVER_IP:PORT`,
 ///   except under `/simple/` and `/packages/`: a PEP 503 package index with one project, a tiny stand-in
 ///   for `torch` (version 2.99.0, not PyTorch) built by the script ([`OutsideWorld::pip_index`]);
 /// - UDP on `a:5353`: DNS answers to DNS queries, else an echo;
@@ -567,6 +582,12 @@ pub struct OutsideWorld {
     pub host_addr: Ipv4Addr,
     /// The outside's address on the veth (198.18.n.2).
     pub peer_addr: Ipv4Addr,
+    /// The host's IPv6 address on the veth (2001:db8:18:n::1/64): the source of masqueraded IPv6 traffic.
+    pub host_addr6: Ipv6Addr,
+    /// The outside's IPv6 address on the veth (2001:db8:18:n::2).
+    pub peer_addr6: Ipv6Addr,
+    /// "Remote" IPv6 server A6 (2001:db8:19:n::10): HTTP 8080.
+    pub a6: Ipv6Addr,
     /// "Remote" server A (198.19.n.10): HTTP 8080 and 8081, UDP 5353.
     pub a: Ipv4Addr,
     /// "Remote" server B (198.19.n.11): HTTP 8080.
@@ -624,6 +645,9 @@ impl OutsideWorld {
             host_if: format!("sbxto{n}"),
             host_addr: Ipv4Addr::new(198, 18, n, 1),
             peer_addr: Ipv4Addr::new(198, 18, n, 2),
+            host_addr6: Ipv6Addr::new(0x2001, 0xdb8, 0x18, u16::from(n), 0, 0, 0, 1),
+            peer_addr6: Ipv6Addr::new(0x2001, 0xdb8, 0x18, u16::from(n), 0, 0, 0, 2),
+            a6: Ipv6Addr::new(0x2001, 0xdb8, 0x19, u16::from(n), 0, 0, 0, 0x10),
             a: Ipv4Addr::new(198, 19, n, 10),
             b: Ipv4Addr::new(198, 19, n, 11),
             dns: Ipv4Addr::new(198, 19, n, 53),
@@ -662,6 +686,41 @@ impl OutsideWorld {
         }
         let peer = self.peer_addr.to_string();
         ip(&["route", "add", &remote, "via", &peer, "dev", host_if]);
+        // IPv6 (no duplicate address detection: the servers bind at once).
+        let (host6, peer6) = (
+            format!("{}/64", self.host_addr6),
+            format!("{}/64", self.peer_addr6),
+        );
+        ip(&["-6", "addr", "add", &host6, "dev", host_if, "nodad"]);
+        ip(&[
+            "-n", ns, "-6", "addr", "add", &peer6, "dev", "eth0", "nodad",
+        ]);
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/128", self.a6),
+            "dev",
+            "lo",
+        ]);
+        let peer6 = self.peer_addr6.to_string();
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            &self.remote6(),
+            "via",
+            &peer6,
+            "dev",
+            host_if,
+        ]);
+    }
+
+    /// The "remote" IPv6 network, routed through the veth.
+    fn remote6(&self) -> String {
+        format!("2001:db8:19:{:x}::/64", self.n)
     }
 
     fn spawn_servers(&mut self) {
@@ -681,6 +740,7 @@ impl OutsideWorld {
         ] {
             cmd.arg("--http").arg(hp);
         }
+        cmd.arg("--http6").arg(format!("{}:8080", self.a6));
         cmd.arg("--udp-echo")
             .arg(format!("{a}:5353"))
             .arg("--dns")
@@ -750,6 +810,18 @@ impl OutsideWorld {
                 ..NetSettings::default()
             },
             config,
+        )
+    }
+
+    /// Like [`OutsideWorld::daemon`], with an IPv6 subnet too.
+    pub fn daemon6(&self) -> Daemon {
+        Daemon::start_with_network(
+            NetSettings {
+                dns: self.dns_servers(),
+                ipv6: true,
+                ..NetSettings::default()
+            },
+            None,
         )
     }
 
@@ -868,6 +940,7 @@ impl Drop for OutsideWorld {
         }
         let remote = format!("198.19.{}.0/24", self.n);
         let _ = run(Command::new("ip").args(["route", "del", &remote]));
+        let _ = run(Command::new("ip").args(["-6", "route", "del", &self.remote6()]));
         if link_exists(&self.host_if) {
             let _ = run(Command::new("ip").args(["link", "del", &self.host_if]));
         }

@@ -2,7 +2,7 @@
 
 Run inside the outside world's network namespace by tests/src/net.rs (OutsideWorld):
 
-    outside_world.py --http IP:PORT ... --udp-echo IP:PORT ... --dns IP:PORT ... --name NAME=IP ...
+    outside_world.py --http IP:PORT ... --http6 IPV6:PORT ... --udp-echo IP:PORT ... --dns IP:PORT ... --name NAME=IP ...
 
 Every socket is bound before "ready" is printed on stdout; then one line per request served:
     http CLIENT_IP SERVER_IP:PORT PATH
@@ -152,6 +152,10 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
 def parse_name(data, off):
     labels = []
     while True:
@@ -208,6 +212,7 @@ def serve_udp(sock, names):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--http", action="append", default=[], type=addr)
+    p.add_argument("--http6", action="append", default=[], type=addr)
     p.add_argument("--udp-echo", action="append", default=[], type=addr)
     p.add_argument("--dns", action="append", default=[], type=addr)
     p.add_argument("--name", action="append", default=[])
@@ -216,7 +221,7 @@ def main():
     for n in a.name:
         k, v = n.split("=", 1)
         names[k.lower().rstrip(".")] = v
-    servers = [Server(hp, Handler) for hp in a.http]
+    servers = [Server(hp, Handler) for hp in a.http] + [Server6(hp, Handler) for hp in a.http6]
     udp = []
     for hp in a.udp_echo + a.dns:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

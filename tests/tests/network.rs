@@ -11,7 +11,7 @@
 //! the outside world is the destination, with its log showing that nothing arrived.
 
 use std::io::ErrorKind;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use sandbox_tests::net::{
@@ -1117,6 +1117,110 @@ fn session_peers_reach_each_other_and_no_one_else() {
         c.delete(&sb.id, true).expect("delete");
     }
     assert_eq!(peer_pairs(&table), 0);
+}
+
+fn address6_of(info: &SandboxInfo) -> Ipv6Addr {
+    info.network
+        .as_ref()
+        .and_then(|n| n.address6.as_deref())
+        .unwrap_or_else(|| panic!("no IPv6 address in {info:?}"))
+        .parse()
+        .expect("an IPv6 address")
+}
+
+fn url6(ip: Ipv6Addr, port: u16) -> String {
+    format!("http://[{ip}]:{port}/")
+}
+
+#[test]
+fn ipv6_where_configured_egress_through_nat_ingress_and_isolation() {
+    let world = OutsideWorld::start();
+    let d = world.daemon6();
+    d.import_busybox();
+    let c = d.client();
+    let (_, gateway6) = d.network.subnet6.clone().expect("an IPv6 subnet");
+    let open = create(&c, &with_network("v6-open", open_ingress()));
+    let closed = create(&c, &idle("v6-closed"));
+    let denied = create(
+        &c,
+        &with_network(
+            "v6-deny",
+            NetworkOptions {
+                deny_egress: true,
+                ..NetworkOptions::default()
+            },
+        ),
+    );
+    let allow_list = create(
+        &c,
+        &with_network(
+            "v6-allow",
+            NetworkOptions {
+                egress: vec![EgressRule {
+                    cidr: Some("0.0.0.0/0".into()),
+                    ..EgressRule::default()
+                }],
+                ..NetworkOptions::default()
+            },
+        ),
+    );
+    let (open6, closed6) = (address6_of(&open), address6_of(&closed));
+    let net = open.network.as_ref().unwrap();
+    assert_eq!(net.gateway6.as_deref(), Some(gateway6.to_string().as_str()));
+    // The address is a /128 on eth0 and the gateway the default route.
+    let out = sh(
+        &c,
+        &open.id,
+        "ip -6 addr show dev eth0 scope global; ip -6 route show default",
+    );
+    assert!(out.contains(&format!("inet6 {open6}/128")), "{out}");
+    assert!(
+        out.contains(&format!("default via {gateway6} dev eth0")),
+        "{out}"
+    );
+
+    // Egress through NAT: the outside sees the host's address.
+    let body = wget_ok(&c, &open.id, &url6(world.a6, 8080));
+    assert!(
+        body.starts_with(&format!("{} ", world.host_addr6)),
+        "{body}"
+    );
+    // Denied and allow-listed (IPv4 rules) sandboxes reach no IPv6 destination; IPv4 still works for the
+    // allow-list.
+    wget_blocked(&c, &denied.id, &url6(world.a6, 8080));
+    wget_blocked(&c, &allow_list.id, &url6(world.a6, 8080));
+    assert!(
+        wget_ok(&c, &allow_list.id, &url(world.a, 8080)).starts_with(&world.host_addr.to_string())
+    );
+
+    // Ingress from the host: only to the sandbox that opened it.
+    for sb in [&open, &closed] {
+        start_httpd(&c, &sb.id, 8000, &sb.name);
+    }
+    assert_eq!(
+        http_get_host(SocketAddr::from((open6, 8000)), "/").expect("host to open over IPv6"),
+        "v6-open"
+    );
+    assert!(http_get_within(SocketAddr::from((closed6, 8000)), "/", blocked()).is_err());
+    // Sandbox to sandbox: rejected, also towards one that accepts the host.
+    wget_blocked(&c, &closed.id, &url6(open6, 8000));
+    // The host's own IPv6 addresses: unreachable (a listener on all of them never sees the sandbox).
+    let listener = TcpListener::bind("[::]:0").expect("IPv6 listener");
+    let port = listener.local_addr().expect("local addr").port();
+    for target in [gateway6, world.host_addr6] {
+        let (code, _, _) = sh_within(
+            &c,
+            &open.id,
+            BLOCKED_BOUND_SECS,
+            &format!("nc {target} {port} -e true"),
+        );
+        assert_ne!(
+            code, 0,
+            "the sandbox connected to the host's [{target}]:{port}"
+        );
+    }
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(matches!(listener.accept(), Err(e) if e.kind() == ErrorKind::WouldBlock));
 }
 
 #[test]

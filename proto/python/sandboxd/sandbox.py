@@ -560,7 +560,8 @@ class Sandbox:
     def network(self) -> Optional[Dict[str, Any]]:
         """The sandbox's network as the daemon set it up: ``{"mode": "bridge"|"none", "address":
         "10.88.0.5", "gateway": "10.88.0.1", "interface": "eth0", "host_interface": ..., "dns": [...],
-        "policy": {...}}`` (fetched fresh; waits for a creation under way); ``None`` if the daemon reports
+        "policy": {...}}``, plus ``"address6"`` and ``"gateway6"`` where the daemon has an IPv6 subnet
+        (fetched fresh; waits for a creation under way); ``None`` if the daemon reports
         none, if the sandbox was never started or could not be created."""
         info = self._created_info()
         net = (info or {}).get("network")

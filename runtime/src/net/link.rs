@@ -1,7 +1,8 @@
 //! Links: the host bridge and each sandbox's veth pair, through rtnetlink.
 //!
 //! Daemon side (async, on the daemon's runtime, host network namespace): [`ensure_bridge`], [`delete_link`],
-//! [`bridge_ports`], [`host_ipv4_networks`], and [`set_ip_forward`].
+//! [`bridge_ports`], [`host_ipv4_networks`], [`host_ipv6_networks`], [`set_ip_forward`] and
+//! [`set_ipv6_forwarding`].
 //!
 //! Supervisor side (sync, single-threaded process): [`enter_new_netns`] moves the supervisor into a new
 //! network namespace (owned by the host's user namespace, so the sandbox's root has no `CAP_NET_ADMIN`
@@ -9,13 +10,13 @@
 //! peer `eth0` created directly inside the new namespace (moving a veth costs ~28 ms, creating it there
 //! ~0.5 ms), then configures `eth0` from inside.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::Instant;
 
 use futures_util::TryStreamExt;
-use ipnet::Ipv4Net;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkInfo, LinkMessage,
 };
@@ -143,16 +144,6 @@ fn link_kind(l: &LinkMessage) -> Option<&InfoKind> {
     })
 }
 
-/// The IPv4 addresses of an address message: the local one and, on point-to-point links, the peer's.
-fn ipv4_addresses(a: &AddressMessage) -> impl Iterator<Item = Ipv4Addr> + '_ {
-    a.attributes.iter().filter_map(|at| match at {
-        AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
-            Some(*ip)
-        }
-        _ => None,
-    })
-}
-
 /// The link named `name`, or `None` when there is none.
 async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, LinkError> {
     let mut links = h.link().get().match_name(name.to_owned()).execute();
@@ -177,11 +168,13 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), LinkError> {
 /// Creates the bridge `name` if it does not exist (an existing link of that name that is not a bridge is
 /// an error), gives it `gateway/prefix_len` unless it has it already (other addresses are left alone),
 /// brings it up and sets its `route_localnet` (published ports on 127.0.0.1 are DNATed through it).
-/// Returns its interface index.
+/// With `v6` (gateway, prefix length) it gets that IPv6 address too (no DAD, no router advertisements
+/// accepted); without, IPv6 is disabled on it. Returns its interface index.
 pub async fn ensure_bridge(
     name: &str,
     gateway: Ipv4Addr,
     prefix_len: u8,
+    v6: Option<(Ipv6Addr, u8)>,
 ) -> Result<u32, LinkError> {
     check_ifname(name)?;
     let h = connect()?;
@@ -203,34 +196,43 @@ pub async fn ensure_bridge(
         }
     };
 
-    let mut has_gateway = false;
+    let conf6 = |key: &str| format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+    match v6 {
+        Some(_) => {
+            // Before the address: it is usable at once (no duplicate address detection), and the bridge is
+            // the router, never configured by someone else's advertisements.
+            write_sysctl(&conf6("disable_ipv6"), "0")?;
+            write_sysctl(&conf6("accept_dad"), "0")?;
+            write_sysctl(&conf6("accept_ra"), "0")?;
+        }
+        // Sandboxes are IPv4-only: no IPv6 (link-local, neighbour discovery) on the bridge. A host without
+        // IPv6 has no such file.
+        None if std::path::Path::new(&conf6("disable_ipv6")).exists() => {
+            write_sysctl(&conf6("disable_ipv6"), "1")?;
+        }
+        None => {}
+    }
+    let mut wanted = vec![(IpAddr::V4(gateway), prefix_len)];
+    wanted.extend(v6.map(|(gw, len)| (IpAddr::V6(gw), len)));
     let mut addrs = h.address().get().set_link_index_filter(index).execute();
     while let Some(a) = addrs
         .try_next()
         .await
         .map_err(nl(format!("listing the addresses of {name}")))?
     {
-        if ipv4_addresses(&a).any(|ip| ip == gateway) && a.header.prefix_len == prefix_len {
-            has_gateway = true;
-        }
+        wanted.retain(|(ip, len)| {
+            !(a.header.prefix_len == *len
+                && a.attributes.iter().any(|at| {
+                    matches!(at, AddressAttribute::Local(x) | AddressAttribute::Address(x) if x == ip)
+                }))
+        });
     }
-    if !has_gateway {
-        match h
-            .address()
-            .add(index, IpAddr::V4(gateway), prefix_len)
-            .execute()
-            .await
-        {
+    for (ip, len) in wanted {
+        match h.address().add(index, ip, len).execute().await {
             Ok(()) => {}
             Err(e) if errno_of(&e) == Some(libc::EEXIST) => {}
-            Err(e) => return Err(nl(format!("adding {gateway}/{prefix_len} to {name}"))(e)),
+            Err(e) => return Err(nl(format!("adding {ip}/{len} to {name}"))(e)),
         }
-    }
-    // Sandboxes are IPv4-only: no IPv6 (link-local, neighbour discovery) on the bridge. A host without IPv6
-    // has no such file.
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    if std::path::Path::new(&v6).exists() {
-        write_sysctl(&v6, "1")?;
     }
     // A fixed MAC: a bridge without one takes the lowest MAC of its ports, which changes as sandboxes come
     // and go, and running sandboxes would keep sending to a gateway MAC the bridge no longer has.
@@ -310,11 +312,11 @@ pub async fn bridge_ports(bridge: &str) -> Result<Vec<String>, LinkError> {
     Ok(ports)
 }
 
-/// The IPv4 networks the host already uses, for the daemon's subnet-overlap check: the network of every
-/// IPv4 address on a host link and the destination of every non-default IPv4 route (all tables but
-/// `local`, whose entries are the host's own addresses), except those of the link `exclude_bridge`.
-/// Sorted, without duplicates.
-pub async fn host_ipv4_networks(exclude_bridge: &str) -> Result<Vec<Ipv4Net>, LinkError> {
+/// The networks the host already uses, for the daemon's subnet-overlap checks: the network of every
+/// address on a host link and the destination of every non-default route (all tables but `local`, whose
+/// entries are the host's own addresses), except those of the link `exclude_bridge`. IPv6 link-local
+/// (`fe80::/10`) and multicast networks are left out (every link has them). Sorted, without duplicates.
+async fn host_networks(exclude_bridge: &str) -> Result<Vec<IpNet>, LinkError> {
     check_ifname(exclude_bridge)?;
     let h = connect()?;
     let excluded = link_by_name(&h, exclude_bridge)
@@ -326,58 +328,104 @@ pub async fn host_ipv4_networks(exclude_bridge: &str) -> Result<Vec<Ipv4Net>, Li
         if Some(a.header.index) == excluded {
             continue;
         }
-        for ip in ipv4_addresses(&a) {
-            if let Ok(n) = Ipv4Net::new(ip, a.header.prefix_len) {
-                nets.push(n.trunc());
+        for at in &a.attributes {
+            if let AddressAttribute::Local(ip) | AddressAttribute::Address(ip) = at {
+                if let Ok(n) = IpNet::new(*ip, a.header.prefix_len) {
+                    nets.push(n.trunc());
+                }
             }
         }
     }
-    let mut routes = h
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
-        let table = r
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
+    for query in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut routes = h.route().get(query).execute();
+        while let Some(r) = routes.try_next().await.map_err(nl("listing routes"))? {
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(r.header.table));
+            if table == RT_TABLE_LOCAL || r.header.destination_prefix_length == 0 {
+                continue;
+            }
+            let oif = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
                 _ => None,
-            })
-            .unwrap_or(u32::from(r.header.table));
-        if table == RT_TABLE_LOCAL || r.header.destination_prefix_length == 0 {
-            continue;
-        }
-        let oif = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
-        if excluded.is_some() && oif == excluded {
-            continue;
-        }
-        let dst = r.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(*ip),
-            _ => None,
-        });
-        if let Some(ip) = dst {
-            if let Ok(n) = Ipv4Net::new(ip, r.header.destination_prefix_length) {
-                nets.push(n.trunc());
+            });
+            if excluded.is_some() && oif == excluded {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                RouteAttribute::Destination(RouteAddress::Inet6(ip)) => Some(IpAddr::V6(*ip)),
+                _ => None,
+            });
+            if let Some(ip) = dst {
+                if let Ok(n) = IpNet::new(ip, r.header.destination_prefix_length) {
+                    nets.push(n.trunc());
+                }
             }
         }
     }
+    let link_local: Ipv6Net =
+        Ipv6Net::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10).unwrap_or_default();
+    nets.retain(|n| match n {
+        IpNet::V6(n) => !link_local.contains(&n.network()) && !n.network().is_multicast(),
+        IpNet::V4(_) => true,
+    });
     nets.sort();
     nets.dedup();
     Ok(nets)
 }
 
+/// The host's IPv4 networks (see [`host_networks`]).
+pub async fn host_ipv4_networks(exclude_bridge: &str) -> Result<Vec<Ipv4Net>, LinkError> {
+    Ok(host_networks(exclude_bridge)
+        .await?
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) => Some(n),
+            IpNet::V6(_) => None,
+        })
+        .collect())
+}
+
+/// The host's IPv6 networks (see [`host_networks`]).
+pub async fn host_ipv6_networks(exclude_bridge: &str) -> Result<Vec<Ipv6Net>, LinkError> {
+    Ok(host_networks(exclude_bridge)
+        .await?
+        .into_iter()
+        .filter_map(|n| match n {
+            IpNet::V6(n) => Some(n),
+            IpNet::V4(_) => None,
+        })
+        .collect())
+}
+
+/// Turns IPv6 forwarding on (`net.ipv6.conf.all.forwarding`); answers whether it was off. Note the kernel's
+/// rule: an interface with `accept_ra = 1` ignores router advertisements while forwarding is on (a host
+/// configured by SLAAC needs `accept_ra = 2` on that interface).
+pub fn set_ipv6_forwarding() -> Result<bool, LinkError> {
+    switch_on("/proc/sys/net/ipv6/conf/all/forwarding")
+}
+
 /// Sets `net.ipv4.ip_forward` to 1 (in the current network namespace). Returns whether it was 0.
 pub fn set_ip_forward() -> Result<bool, LinkError> {
-    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
-    let was = std::fs::read_to_string(PATH).map_err(io(format!("reading {PATH}")))?;
+    switch_on("/proc/sys/net/ipv4/ip_forward")
+}
+
+/// Writes `1` to a boolean sysctl unless it is `1` already; answers whether it was off.
+fn switch_on(path: &str) -> Result<bool, LinkError> {
+    let was = std::fs::read_to_string(path).map_err(io(format!("reading {path}")))?;
     if was.trim() == "1" {
         return Ok(false);
     }
-    write_sysctl(PATH, "1")?;
+    write_sysctl(path, "1")?;
     Ok(true)
 }
 
@@ -387,7 +435,8 @@ pub fn set_ip_forward() -> Result<bool, LinkError> {
 ///   refused ports below 1024 and ICMP echo sockets);
 /// - with `attach`: the veth pair, host end `attach.host_if` an isolated port of `attach.bridge` (up),
 ///   peer [`SANDBOX_IF`] created directly in the new namespace, up, with `address/prefix_len` and a
-///   default route via `gateway`, IPv6 disabled on it.
+///   default route via `gateway`; with `attach.v6` its IPv6 address (/128), a route to the IPv6 gateway and
+///   the default route via it, else IPv6 disabled on it.
 ///
 /// The tokio runtime that drives netlink is built and dropped in here: no thread survives the call (the
 /// supervisor clones the sandbox's init right after). On failure the process may be left in the new
@@ -409,15 +458,23 @@ pub fn enter_new_netns(attach: Option<&NetAttach>) -> Result<(), LinkError> {
     write_sysctl("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0")?;
     write_sysctl("/proc/sys/net/ipv4/ping_group_range", "0 2147483647")?;
     if let (Some(a), Some(host_sock)) = (attach, host_sock) {
-        // The sandbox gets IPv4 only: its eth0 (created below, with this namespace's defaults) neither
-        // sends nor accepts IPv6, not even link-local. Absent when the kernel has no IPv6.
-        match std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1") {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io("writing /proc/sys/net/ipv6/conf/default/disable_ipv6")(
-                    e,
-                ));
+        if a.v6.is_some() {
+            // eth0 (created below, with this namespace's defaults) takes its address as given, at once (no
+            // duplicate address detection), and nothing from router advertisements.
+            for (key, value) in [("accept_dad", "0"), ("accept_ra", "0"), ("autoconf", "0")] {
+                write_sysctl(&format!("/proc/sys/net/ipv6/conf/default/{key}"), value)?;
             }
-            _ => {}
+        } else {
+            // The sandbox gets IPv4 only: its eth0 neither sends nor accepts IPv6, not even link-local.
+            // Absent when the kernel has no IPv6.
+            match std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1") {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("writing /proc/sys/net/ipv6/conf/default/disable_ipv6")(
+                        e,
+                    ));
+                }
+                _ => {}
+            }
         }
         let inside_sock = route_socket()?;
         // thread-self: the calling thread's namespace (the same as the process's in the supervisor).
@@ -502,6 +559,35 @@ async fn attach_veth(
         .execute()
         .await
         .map_err(nl(format!("adding the default route via {}", a.gateway)))?;
+    if let Some(v6) = &a.v6 {
+        // A /128 and the gateway as the only on-link neighbour: the sandbox never resolves another
+        // sandbox's address itself, everything goes through the host (and its firewall).
+        inside
+            .address()
+            .add(eth, IpAddr::V6(v6.address), 128)
+            .execute()
+            .await
+            .map_err(nl(format!("adding {}/128 to {SANDBOX_IF}", v6.address)))?;
+        let to_gateway = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(v6.gateway, 128)
+            .output_interface(eth)
+            .build();
+        let default = RouteMessageBuilder::<Ipv6Addr>::new()
+            .gateway(v6.gateway)
+            .output_interface(eth)
+            .build();
+        for (route, what) in [
+            (to_gateway, "the route to"),
+            (default, "the default route via"),
+        ] {
+            inside
+                .route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(nl(format!("adding {what} {}", v6.gateway)))?;
+        }
+    }
     Ok(())
 }
 
@@ -606,7 +692,7 @@ mod tests {
     }
 
     /// Checked inside a sandbox's namespace after `enter_new_netns(Some(..))`.
-    fn check_inside(address: Ipv4Addr, gateway: Ipv4Addr) {
+    fn check_inside(address: Ipv4Addr, gateway: Ipv4Addr, ipv6: bool) {
         runtime().block_on(async {
             let h = connect().expect("netlink");
             assert_eq!(link_names(&h).await, ["eth0", "lo"]);
@@ -651,7 +737,11 @@ mod tests {
             assert_eq!(default_via, Some((Some(gateway), Some(eth.header.index))));
         });
         if std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            assert_eq!(sysctl("/proc/sys/net/ipv6/conf/eth0/disable_ipv6"), "1");
+            let off = if ipv6 { "0" } else { "1" };
+            assert_eq!(sysctl("/proc/sys/net/ipv6/conf/eth0/disable_ipv6"), off);
+            if ipv6 {
+                assert_eq!(sysctl("/proc/sys/net/ipv6/conf/eth0/accept_ra"), "0");
+            }
         }
         assert_eq!(sysctl("/proc/sys/net/ipv4/ip_unprivileged_port_start"), "0");
         assert_eq!(
@@ -720,15 +810,17 @@ mod tests {
         let (br2, hif2) = (bridge.clone(), host_if.clone());
         let gateway = Ipv4Addr::new(10, 213, 77, 1);
         let address = Ipv4Addr::new(10, 213, 77, 10);
+        let gateway6 = Ipv6Addr::new(0xfd5b, 0xd0c0, 0x77, 0, 0, 0, 0, 1);
+        let address6 = Ipv6Addr::new(0xfd5b, 0xd0c0, 0x77, 0, 0, 0, 0, 0x10);
         in_scratch_netns(move || {
             let (bridge, host_if) = (br2, hif2);
             let rt = runtime();
             let index = rt
-                .block_on(ensure_bridge(&bridge, gateway, 24))
+                .block_on(ensure_bridge(&bridge, gateway, 24, Some((gateway6, 64))))
                 .expect("ensure_bridge");
             // Idempotent.
             let again = rt
-                .block_on(ensure_bridge(&bridge, gateway, 24))
+                .block_on(ensure_bridge(&bridge, gateway, 24, Some((gateway6, 64))))
                 .expect("ensure_bridge again");
             assert_eq!(index, again);
             assert_eq!(
@@ -740,11 +832,21 @@ mod tests {
             assert!(nets.contains(&net), "{nets:?}");
             let nets = rt.block_on(host_ipv4_networks(&bridge)).expect("networks");
             assert!(!nets.contains(&net), "{nets:?}");
+            let net6: Ipv6Net = "fd5b:d0c0:77::/64".parse().unwrap();
+            let nets6 = rt.block_on(host_ipv6_networks("lo")).expect("networks");
+            assert!(nets6.contains(&net6), "{nets6:?}");
+            assert!(nets6.iter().all(
+                |n| !n.network().is_multicast() && n.network().segments()[0] & 0xffc0 != 0xfe80
+            ));
+            let nets6 = rt.block_on(host_ipv6_networks(&bridge)).expect("networks");
+            assert!(!nets6.contains(&net6), "{nets6:?}");
             assert!(rt.block_on(bridge_ports(&bridge)).unwrap().is_empty());
 
             // The gateway answers TCP; the pair's removal is announced on a link monitor.
             let listener = TcpListener::bind((gateway, 0)).expect("listen on the gateway");
             let port = listener.local_addr().unwrap().port();
+            let listener6 = TcpListener::bind((gateway6, 0)).expect("listen on the IPv6 gateway");
+            let port6 = listener6.local_addr().unwrap().port();
             let (mon_conn, _mon, mut events) = rt
                 .block_on(async {
                     rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
@@ -758,18 +860,27 @@ mod tests {
                 address,
                 prefix_len: 24,
                 gateway,
+                v6: Some(crate::net::Attach6 {
+                    address: address6,
+                    gateway: gateway6,
+                }),
             };
             let (tx, rx) = std::sync::mpsc::channel::<()>();
             let sandbox = std::thread::spawn(move || {
                 enter_new_netns(Some(&attach)).expect("enter_new_netns");
-                check_inside(address, gateway);
+                check_inside(address, gateway, true);
                 TcpStream::connect_timeout(&(gateway, port).into(), Duration::from_secs(10))
                     .expect("connect to the gateway");
+                TcpStream::connect_timeout(&(gateway6, port6).into(), Duration::from_secs(10))
+                    .expect("connect to the IPv6 gateway");
                 // Stay (and keep the namespace) until the host side has looked.
                 let _ = rx.recv();
             });
             let (peer, from) = listener.accept().expect("accept");
             assert_eq!(from.ip(), std::net::IpAddr::V4(address));
+            drop(peer);
+            let (peer, from) = listener6.accept().expect("accept IPv6");
+            assert_eq!(from.ip(), std::net::IpAddr::V6(address6));
             drop(peer);
 
             let ports = rt.block_on(bridge_ports(&bridge)).expect("ports");
@@ -836,12 +947,22 @@ mod tests {
                     .await
                     .expect("veth");
             });
-            match rt.block_on(ensure_bridge(&name, Ipv4Addr::new(10, 213, 78, 1), 24)) {
+            match rt.block_on(ensure_bridge(
+                &name,
+                Ipv4Addr::new(10, 213, 78, 1),
+                24,
+                None,
+            )) {
                 Err(LinkError::NotABridge(n)) => assert_eq!(n, name),
                 other => panic!("{other:?}"),
             }
             assert!(matches!(
-                rt.block_on(ensure_bridge("a/b", Ipv4Addr::new(10, 213, 78, 1), 24)),
+                rt.block_on(ensure_bridge(
+                    "a/b",
+                    Ipv4Addr::new(10, 213, 78, 1),
+                    24,
+                    None
+                )),
                 Err(LinkError::InvalidName(_))
             ));
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").expect("reset ip_forward");
@@ -866,7 +987,12 @@ mod tests {
         in_scratch_netns(move || {
             let bridge = format!("sbxt-br{n}");
             runtime()
-                .block_on(ensure_bridge(&bridge, Ipv4Addr::new(10, 213, 79, 1), 24))
+                .block_on(ensure_bridge(
+                    &bridge,
+                    Ipv4Addr::new(10, 213, 79, 1),
+                    24,
+                    None,
+                ))
                 .expect("bridge");
             let mut plain = Vec::new();
             let mut attached = Vec::new();
@@ -886,6 +1012,7 @@ mod tests {
                     address: Ipv4Addr::new(10, 213, 79, 10 + i),
                     prefix_len: 24,
                     gateway: Ipv4Addr::new(10, 213, 79, 1),
+                    v6: None,
                 };
                 attached.push(
                     std::thread::spawn(move || {

@@ -6,7 +6,7 @@
 //! neither its address nor its routes, nor open raw sockets. The supervisor creates the veth pair (host end on
 //! the bridge, peer `eth0` inside) and configures it before the sandbox's init runs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,4 +29,15 @@ pub struct NetAttach {
     pub prefix_len: u8,
     /// The bridge's address: the sandbox's default route.
     pub gateway: Ipv4Addr,
+    /// IPv6, where the daemon has an IPv6 subnet; without it the sandbox has no IPv6 at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v6: Option<Attach6>,
+}
+
+/// A sandbox's IPv6 side: its address (a /128 on `eth0`) and the bridge's address, its only on-link
+/// neighbour and default route. Everything, other sandboxes of the subnet included, goes through the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attach6 {
+    pub address: Ipv6Addr,
+    pub gateway: Ipv6Addr,
 }

@@ -69,13 +69,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::fmt::{self, Write as _};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::ptr::NonNull;
 use std::str::FromStr;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use libloading::Library;
 use serde::{Deserialize, Serialize};
 
@@ -125,6 +125,15 @@ pub struct NetPlan {
     pub subnet: Ipv4Net,
     /// The bridge's address on `subnet`.
     pub gateway: Ipv4Addr,
+    /// The IPv6 subnet, where configured.
+    pub v6: Option<Plan6>,
+}
+
+/// The daemon's IPv6 subnet and the bridge's address on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan6 {
+    pub subnet: Ipv6Net,
+    pub gateway: Ipv6Addr,
 }
 
 /// A transport protocol of an allow-list rule or a published port.
@@ -238,6 +247,9 @@ pub const DNS_GRANT_MAX_SECS: u32 = 3600;
 pub struct SandboxRules {
     /// The sandbox's address on the subnet: the key of all its elements.
     pub address: Ipv4Addr,
+    /// Its IPv6 address, where the plan has an IPv6 subnet: the key of its IPv6 egress verdict (open, or
+    /// `egress_deny` for deny and allow-lists, which are IPv4) and ingress elements.
+    pub address6: Option<Ipv6Addr>,
     /// Host end of its veth pair; used as the comment of its elements (so `nft list table` says whose they are).
     pub host_if: String,
     pub egress: Egress,
@@ -313,6 +325,8 @@ const EGRESS_DNS: &str = "egress_dns";
 const EGRESS_DNS_ANY: &str = "egress_dns_any";
 const PUBLISHED: &str = "published";
 const SESSION_PEERS: &str = "session_peers";
+const EGRESS_VMAP6: &str = "egress_vmap6";
+const INGRESS_OPEN6: &str = "ingress_open6";
 const CHAIN_DENY: &str = "egress_deny";
 /// Prefix of the allow-list chains (`egress_allowlist_<shard>`).
 const CHAIN_ALLOWLIST: &str = "egress_allowlist";
@@ -364,6 +378,14 @@ fn check_plan(plan: &NetPlan) -> Result<(), NftError> {
             "the gateway {} is not in the subnet {}",
             plan.gateway, plan.subnet
         )));
+    }
+    if let Some(v6) = &plan.v6 {
+        if !v6.subnet.contains(&v6.gateway) {
+            return Err(NftError::InvalidRule(format!(
+                "the gateway {} is not in the subnet {}",
+                v6.gateway, v6.subnet
+            )));
+        }
     }
     Ok(())
 }
@@ -580,6 +602,35 @@ fn sandbox_elements(
             value: None,
         });
     }
+    if let Some(a6) = sb.address6 {
+        match &plan.v6 {
+            Some(v6) if v6.subnet.contains(&a6) && a6 != v6.gateway => {}
+            _ => {
+                return Err(NftError::InvalidRule(format!(
+                    "sandbox address {a6} is not a host address of the IPv6 subnet (if any) other than its gateway"
+                )))
+            }
+        }
+        // IPv6 allow-lists are not supported: an allow-list sandbox reaches no IPv6 destination.
+        let verdict = match sb.egress {
+            Egress::Open => "accept".to_owned(),
+            Egress::Deny | Egress::Allow(_) => format!("jump {CHAIN_DENY}"),
+        };
+        out.push(Element {
+            set: EGRESS_VMAP6.into(),
+            key: a6.to_string(),
+            comment: comment.clone(),
+            value: Some(verdict),
+        });
+        if sb.ingress_open {
+            out.push(Element {
+                set: INGRESS_OPEN6.into(),
+                key: a6.to_string(),
+                comment: comment.clone(),
+                value: None,
+            });
+        }
+    }
     let mut keys = BTreeSet::new();
     for p in &sb.published {
         if p.host_ip.is_unspecified() {
@@ -762,6 +813,24 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
         elems(PUBLISHED),
         elems(SESSION_PEERS),
     );
+    let (vmap6_elems, ingress6_elems) = (elems(EGRESS_VMAP6), elems(INGRESS_OPEN6));
+    // IPv6: blocked destinations (link-local, the AWS metadata address, the subnet) and the masquerade of
+    // the subnet; the sets exist (empty) without an IPv6 subnet, so that the chains are the same.
+    let (blocked6, masquerade6, described6) = match &plan.v6 {
+        Some(v6) => (
+            format!("fe80::/10, fd00:ec2::254, {}", v6.subnet.trunc()),
+            format!(
+                "\t\toifname != \"{br}\" ip6 saddr {} masquerade comment \"sandbox egress, IPv6\"\n",
+                v6.subnet.trunc()
+            ),
+            format!(" {}", v6.subnet.trunc()),
+        ),
+        None => (
+            "fe80::/10, fd00:ec2::254".to_owned(),
+            String::new(),
+            String::new(),
+        ),
+    };
     let (mut allow_sets, mut allow_chains) = (String::new(), String::new());
     for k in 0..ALLOW_SHARDS {
         let set = format!("{EGRESS_ALLOW}_{k}");
@@ -793,7 +862,7 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
         r#"add table inet {t}
 delete table inet {t}
 table inet {t} {{
-	comment "sandboxd: sandboxes on {br} ({subnet}, gateway {gw}); generated, do not edit"
+	comment "sandboxd: {br} {subnet} gateway {gw}{described6}; generated, do not edit"
 
 	set blocked_dst {{
 		type ipv4_addr
@@ -802,6 +871,24 @@ table inet {t} {{
 		comment "destinations no sandbox may reach: link-local (cloud metadata) and the sandbox subnet"
 		elements = {{ 169.254.0.0/16, {subnet} }}
 	}}
+
+	set blocked_dst6 {{
+		type ipv6_addr
+		flags interval
+		auto-merge
+		comment "IPv6 destinations no sandbox may reach: link-local, metadata (fd00:ec2::254) and the sandbox subnet"
+		elements = {{ {blocked6} }}
+	}}
+
+	map {EGRESS_VMAP6} {{
+		type ipv6_addr : verdict
+		comment "sandbox IPv6 address -> egress policy: accept (open) or jump {CHAIN_DENY} (deny, and allow-lists, which are IPv4)"
+{vmap6_elems}	}}
+
+	set {INGRESS_OPEN6} {{
+		type ipv6_addr
+		comment "sandbox IPv6 addresses accepting new inbound connections"
+{ingress6_elems}	}}
 
 	map {EGRESS_VMAP} {{
 		type ipv4_addr : verdict
@@ -853,7 +940,7 @@ table inet {t} {{
 	chain nat_postrouting {{
 		type nat hook postrouting priority srcnat; policy accept;
 		oifname != "{br}" ip saddr {subnet} masquerade comment "sandbox egress"
-		oifname "{br}" fib saddr type local masquerade comment "the host (e.g. 127.0.0.1) to a published port"
+{masquerade6}		oifname "{br}" fib saddr type local masquerade comment "the host (e.g. 127.0.0.1) to a published port"
 	}}
 
 	chain forward {{
@@ -868,13 +955,16 @@ table inet {t} {{
 		ct state established,related accept
 		ct status dnat accept comment "published ports"
 		ip daddr @{INGRESS_OPEN} accept comment "ingress allowed"
+		ip6 daddr @{INGRESS_OPEN6} accept comment "ingress allowed, IPv6"
 		counter drop comment "ingress denied"
 	}}
 
 	chain from_sandbox {{
 		ct state established,related accept
 		ip daddr @blocked_dst counter {reject} comment "link-local or the sandbox subnet"
+		ip6 daddr @blocked_dst6 counter {reject} comment "IPv6 link-local, metadata or the sandbox subnet"
 		ip saddr vmap @{EGRESS_VMAP} comment "the sandbox's egress policy"
+		ip6 saddr vmap @{EGRESS_VMAP6} comment "the sandbox's egress policy, IPv6"
 		counter drop comment "unknown source address"
 	}}
 
@@ -889,18 +979,21 @@ table inet {t} {{
 
 	chain sandbox_to_host {{
 		ct state established,related accept
+		icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept comment "IPv6 neighbour discovery with the gateway"
 {services}		counter {reject} comment "the host's own addresses"
 	}}
 
 	chain output {{
 		type filter hook output priority filter; policy accept;
 		oifname "{br}" icmp type redirect counter drop comment "a redirect would send a sandbox to its session peer directly, past the isolated ports"
+		oifname "{br}" icmpv6 type nd-redirect counter drop comment "the same for IPv6"
 		oifname "{br}" ct state new jump host_to_sandbox comment "new connections from the host into a sandbox"
 	}}
 
 	chain host_to_sandbox {{
 		ct status dnat accept comment "published ports (e.g. 127.0.0.1:port)"
 		ip daddr @{INGRESS_OPEN} accept comment "ingress allowed"
+		ip6 daddr @{INGRESS_OPEN6} accept comment "ingress allowed, IPv6"
 		counter drop comment "ingress denied"
 	}}
 }}
@@ -1283,6 +1376,7 @@ mod tests {
             bridge: "sbxt0".into(),
             subnet: "10.213.0.0/24".parse().unwrap(),
             gateway: "10.213.0.1".parse().unwrap(),
+            v6: None,
         }
     }
 
@@ -1294,6 +1388,7 @@ mod tests {
             ingress_open: false,
             published: vec![],
             peer_group: None,
+            address6: None,
         }
     }
 
@@ -1553,6 +1648,7 @@ mod tests {
                 },
             ],
             peer_group: None,
+            address6: None,
         }
     }
 
@@ -1614,6 +1710,63 @@ mod tests {
             !set.contains("10.213.0.3") && !set.contains("10.213.0.6"),
             "{set}"
         );
+    }
+
+    #[test]
+    fn ipv6_addresses_get_a_verdict_and_ingress_and_the_subnet_is_masqueraded() {
+        let mut p = plan();
+        p.v6 = Some(Plan6 {
+            subnet: "fd5b:d0c0:1::/64".parse().unwrap(),
+            gateway: "fd5b:d0c0:1::1".parse().unwrap(),
+        });
+        let with6 = |addr: &str, a6: &str, egress: Egress, ingress_open: bool| SandboxRules {
+            address6: Some(a6.parse().unwrap()),
+            ingress_open,
+            ..sandbox(addr, egress)
+        };
+        let open = with6("10.213.0.2", "fd5b:d0c0:1::2", Egress::Open, true);
+        let add = render_add(&p, &open, &[]).unwrap();
+        assert!(
+            add.contains("add element inet sbxt_unit egress_vmap6 { fd5b:d0c0:1::2 comment \"sbxt-a\" : accept }"),
+            "{add}"
+        );
+        assert!(
+            add.contains(
+                "add element inet sbxt_unit ingress_open6 { fd5b:d0c0:1::2 comment \"sbxt-a\" }"
+            ),
+            "{add}"
+        );
+        // Deny and allow-lists (IPv4 only) reach no IPv6 destination.
+        for egress in [Egress::Deny, Egress::Allow(vec![])] {
+            let add = render_add(
+                &p,
+                &with6("10.213.0.3", "fd5b:d0c0:1::3", egress, false),
+                &[],
+            )
+            .unwrap();
+            assert!(
+                add.contains("fd5b:d0c0:1::3 comment \"sbxt-a\" : jump egress_deny"),
+                "{add}"
+            );
+            assert!(!add.contains("ingress_open6"), "{add}");
+        }
+        // Outside the subnet, the gateway, or without an IPv6 plan: refused.
+        for bad in ["fd5b:d0c0:2::2", "fd5b:d0c0:1::1"] {
+            assert!(render_add(&p, &with6("10.213.0.2", bad, Egress::Open, false), &[]).is_err());
+        }
+        assert!(render_add(&plan(), &open, &[]).is_err());
+        let t = render_table(&p, std::slice::from_ref(&open)).unwrap();
+        for needle in [
+            "elements = { fe80::/10, fd00:ec2::254, fd5b:d0c0:1::/64 }",
+            "oifname != \"sbxt0\" ip6 saddr fd5b:d0c0:1::/64 masquerade",
+            "ip6 saddr vmap @egress_vmap6",
+            "ip6 daddr @blocked_dst6 counter reject",
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept",
+            "comment \"sandboxd: sbxt0 10.213.0.0/24 gateway 10.213.0.1 fd5b:d0c0:1::/64; generated",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        assert!(!render_table(&plan(), &[]).unwrap().contains("ip6 saddr fd"));
     }
 
     #[test]
@@ -1750,7 +1903,7 @@ mod tests {
              \t\tip saddr . ip daddr . meta l4proto . th dport @egress_dns accept comment \"resolved by the DNS forwarder\"\n\
              \t\tip saddr . ip daddr . meta l4proto @egress_dns_any accept comment \"resolved by the DNS forwarder, every port\"\n\
              \t\tcounter reject",
-            "ct state established,related accept\n\t\tip daddr 10.213.0.1 meta l4proto { tcp, udp } th dport 53 accept",
+            "\t\tip daddr 10.213.0.1 meta l4proto { tcp, udp } th dport 53 accept",
         ] {
             assert!(t.contains(needle), "missing {needle:?} in\n{t}");
         }
@@ -1788,9 +1941,9 @@ mod tests {
         ] {
             assert!(t.contains(needle), "missing {needle:?} in\n{t}");
         }
-        // No sandboxes: no (invalid) empty `elements = { }`.
+        // No sandboxes: no (invalid) empty `elements = { }` (the blocked sets always have some).
         let empty = render_table(&p, &[]).unwrap();
-        assert_eq!(empty.matches("elements =").count(), 1);
+        assert_eq!(empty.matches("elements =").count(), 2);
         // The same address or published port twice is refused.
         let mut dup = b.clone();
         dup.address = a.address;
