@@ -418,10 +418,11 @@ pub fn validate(
                 ApiError::invalid_argument(f("host_ip"), format!("invalid IPv4 address {h:?}: {e}"))
             })?,
         };
-        if host_ip.is_unspecified() || host_ip.is_multicast() || host_ip.is_broadcast() {
+        // 0.0.0.0: every address of the host (its external ones too).
+        if host_ip.is_multicast() || host_ip.is_broadcast() {
             return Err(ApiError::invalid_argument(
                 f("host_ip"),
-                format!("publish on one address of this host, not {host_ip}"),
+                format!("publish on an address of this host (or 0.0.0.0 for all), not {host_ip}"),
             ));
         }
         if !seen.insert((proto, port)) {
@@ -1012,10 +1013,19 @@ mod tests {
             NetworkOptions::default(),
             vec![ServiceSpec {
                 port: 80,
-                host_ip: Some("0.0.0.0".into()),
+                host_ip: Some("255.255.255.255".into()),
                 ..ServiceSpec::default()
             }],
             "services[0].host_ip",
+        );
+        let all = ServiceSpec {
+            port: 80,
+            host_ip: Some("0.0.0.0".into()),
+            ..ServiceSpec::default()
+        };
+        assert_eq!(
+            validate(None, &[all], lo).unwrap().services[0].2,
+            Ipv4Addr::UNSPECIFIED
         );
         let p = validate(
             Some(&with(vec![rule("192.0.2.7", Some("TCP"), vec![443, 80])])),

@@ -211,6 +211,23 @@ fn scenario() {
     fw.remove_sandbox(&p, &peer(13), &[]).unwrap();
     assert_eq!(pairs(&fw), 0, "{}", list(&fw, &p));
 
+    // A port published on every address (0.0.0.0).
+    let mut everywhere = deny_sandbox(5);
+    everywhere.published.push(Published {
+        host_ip: Ipv4Addr::UNSPECIFIED,
+        host_port: 20005,
+        proto: Proto::Udp,
+        port: 53,
+    });
+    fw.add_sandbox(&p, &everywhere, &[]).unwrap();
+    let out = list(&fw, &p);
+    assert!(
+        out.contains("udp . 20005 comment \"sbxt-5\" : 10.213.1.5 . 53"),
+        "{out}"
+    );
+    fw.remove_sandbox(&p, &everywhere, &[]).unwrap();
+    assert!(!list(&fw, &p).contains("20005"));
+
     // IPv6: the table with an IPv6 subnet is accepted by the kernel, and a sandbox's IPv6 elements come and go.
     let mut p6 = p.clone();
     p6.v6 = Some(sandbox_runtime::net::nft::Plan6 {

@@ -902,6 +902,60 @@ fn a_published_tcp_port_is_reachable_from_the_host_and_released_at_removal() {
 }
 
 #[test]
+fn a_port_published_on_every_address_is_reachable_from_outside_the_host() {
+    let world = OutsideWorld::start();
+    let d = world.daemon(None);
+    d.import_busybox();
+    let c = d.client();
+    let mut svc = service(8000);
+    svc.host_ip = Some("0.0.0.0".into());
+    let sb = create(&c, &with_services("net-pub-all", vec![svc]));
+    let [p] = sb.exposed_ports.as_slice() else {
+        panic!("{sb:?}")
+    };
+    assert_eq!((p.port, p.host_ip.as_str()), (8000, "0.0.0.0"));
+    start_httpd(&c, &sb.id, 8000, "everywhere");
+    // From the host, on loopback and on another of its addresses.
+    for ip in [Ipv4Addr::LOCALHOST, world.host_addr] {
+        let at = SocketAddr::from((ip, p.host_port));
+        assert_eq!(
+            http_get_host(at, "/").expect("published port"),
+            "everywhere"
+        );
+    }
+    // From another machine (the outside world's namespace) through the host's address on its link.
+    let fetch = "import sys, urllib.request; \
+                 print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode(), end='')";
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &world.netns, "python3", "-c", fetch])
+        .arg(format!("http://{}:{}/", world.host_addr, p.host_port))
+        .output()
+        .expect("running python3 in the outside world");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "everywhere");
+    // The port is taken on every address: a second sandbox cannot publish it on one of them.
+    let mut clash = service(8000);
+    clash.host_port = Some(p.host_port.into());
+    let e = expect_api_error(
+        c.create(&with_services("net-pub-clash", vec![clash])),
+        ErrorCode::PortInUse,
+        409,
+    );
+    assert_eq!(field_of(&e), "services[0].host_port");
+    c.delete(&sb.id, true).expect("delete");
+    assert!(http_get_within(
+        SocketAddr::from((world.host_addr, p.host_port)),
+        "/",
+        blocked()
+    )
+    .is_err());
+}
+
+#[test]
 fn published_udp_and_tcp_ports_of_a_python_sandbox() {
     let d = Daemon::start_mirrored("");
     let c = d.client();

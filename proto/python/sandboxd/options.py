@@ -125,7 +125,8 @@ class Service:
         host_port: the host port; ``None`` (or 0): one the kernel picks. A taken one is refused with
             :class:`~sandboxd.SandboxPortInUseError`.
         host_ip: the host address to publish on; ``None``: the daemon's ``publish_host_ip``
-            (``127.0.0.1`` unless configured otherwise).
+            (``127.0.0.1`` unless configured otherwise); ``"0.0.0.0"``: every address of the host, so
+            that other machines can connect.
     """
 
     port: int

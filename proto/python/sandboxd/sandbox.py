@@ -569,13 +569,16 @@ class Sandbox:
 
     def url_for(self, port: int, scheme: str = "http") -> str:
         """The URL of a published TCP port on the host: ``f"{scheme}://{host_ip}:{host_port}"``
-        (``sandbox.url_for(8000)`` -> ``"http://127.0.0.1:18080"``). Waits for the creation (raising
+        (``sandbox.url_for(8000)`` -> ``"http://127.0.0.1:18080"``; a port published on ``0.0.0.0`` is
+        given as ``127.0.0.1``). Waits for the creation (raising
         its error); raises :class:`ValueError` if ``port`` is not published over TCP."""
         self._ensure_created()
         ports = self.exposed_ports
         for p in ports:
             if int(p.get("port", -1)) == int(port) and str(p.get("protocol", "tcp")).lower() == "tcp":
                 host = str(p["host_ip"])
+                if host == "0.0.0.0":  # published on every address of the host: reach it on loopback
+                    host = "127.0.0.1"
                 if ":" in host:  # an IPv6 address
                     host = f"[{host}]"
                 return f"{scheme}://{host}:{int(p['host_port'])}"

@@ -241,6 +241,12 @@ class InfoProperties(unittest.TestCase):
         sb.exposed_ports
         self.assertGreater(sum(1 for m, _, _ in t.calls if m == "GET"), gets)
 
+    def test_url_for_a_port_published_on_every_address(self) -> None:
+        info = copy.deepcopy(INFO)
+        info["exposed_ports"][0]["host_ip"] = "0.0.0.0"
+        sb = started(FakeTransport(info), services=[Service(port=8000, host_ip="0.0.0.0")])
+        self.assertEqual(sb.url_for(8000), "http://127.0.0.1:18080")
+
     def test_url_for_an_unpublished_port(self) -> None:
         sb = started(FakeTransport(), services=[8000])
         with self.assertRaises(ValueError) as cm:

@@ -17,7 +17,8 @@
 //!   `dns_name` rules (with and without ports), added before it relays an answer (see [`DnsGrant`]); the
 //!   kernel drops them when they expire. Looked up by every `egress_allowlist_<k>` chain.
 //! - `ingress_open` (addresses): sandboxes that accept new inbound connections.
-//! - `published` (`host address . proto . host port` → `sandbox address . port`): published ports.
+//! - `published` (`host address . proto . host port` → `sandbox address . port`): published ports;
+//!   `published_any` (`proto . host port` → `sandbox address . port`): those published on `0.0.0.0`.
 //! - `session_peers` (`source . destination`): ordered pairs of sandboxes that may reach each other (both
 //!   opted in with `session_peers` and in the same session). A sandbox joining a group of `k` adds `2k`
 //!   elements, and leaving removes those with the members left: the set is always every ordered pair of each
@@ -200,7 +201,7 @@ pub enum Egress {
 /// A published port: `host_ip:host_port/proto` on the host is forwarded to `<sandbox address>:port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
-    /// A specific local address of the host (`0.0.0.0` is not supported).
+    /// A local address of the host, or `0.0.0.0`: every one of them.
     pub host_ip: Ipv4Addr,
     pub host_port: u16,
     pub proto: Proto,
@@ -324,6 +325,7 @@ const INGRESS_OPEN: &str = "ingress_open";
 const EGRESS_DNS: &str = "egress_dns";
 const EGRESS_DNS_ANY: &str = "egress_dns_any";
 const PUBLISHED: &str = "published";
+const PUBLISHED_ANY: &str = "published_any";
 const SESSION_PEERS: &str = "session_peers";
 const EGRESS_VMAP6: &str = "egress_vmap6";
 const INGRESS_OPEN6: &str = "ingress_open6";
@@ -633,12 +635,6 @@ fn sandbox_elements(
     }
     let mut keys = BTreeSet::new();
     for p in &sb.published {
-        if p.host_ip.is_unspecified() {
-            return Err(NftError::InvalidRule(format!(
-                "published port {}/{}: host address 0.0.0.0 is not supported, use a specific address",
-                p.host_port, p.proto
-            )));
-        }
         if p.host_port == 0 || p.port == 0 {
             return Err(NftError::InvalidRule(format!(
                 "published port {}:{}/{} -> {}: port 0",
@@ -651,9 +647,18 @@ fn sandbox_elements(
                 p.host_ip, p.host_port, p.proto
             )));
         }
+        // 0.0.0.0: every local address, in a map of its own (keyed without the address).
+        let (set, key) = if p.host_ip.is_unspecified() {
+            (PUBLISHED_ANY, format!("{} . {}", p.proto, p.host_port))
+        } else {
+            (
+                PUBLISHED,
+                format!("{} . {} . {}", p.host_ip, p.proto, p.host_port),
+            )
+        };
         out.push(Element {
-            set: PUBLISHED.into(),
-            key: format!("{} . {} . {}", p.host_ip, p.proto, p.host_port),
+            set: set.into(),
+            key,
             comment: comment.clone(),
             value: Some(format!("{addr} . {}", p.port)),
         });
@@ -774,7 +779,10 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
             None => Vec::new(),
         };
         let es = sandbox_elements(plan, sb, &earlier)?;
-        for e in es.iter().filter(|e| e.set == PUBLISHED) {
+        for e in es
+            .iter()
+            .filter(|e| e.set == PUBLISHED || e.set == PUBLISHED_ANY)
+        {
             if let Some(other) = published.insert(e.key.clone(), &sb.host_if) {
                 return Err(NftError::InvalidRule(format!(
                     "published port {} is used by both {other} and {}",
@@ -814,6 +822,7 @@ pub fn render_table(plan: &NetPlan, sandboxes: &[SandboxRules]) -> Result<String
         elems(SESSION_PEERS),
     );
     let (vmap6_elems, ingress6_elems) = (elems(EGRESS_VMAP6), elems(INGRESS_OPEN6));
+    let published_any_elems = elems(PUBLISHED_ANY);
     // IPv6: blocked destinations (link-local, the AWS metadata address, the subnet) and the masquerade of
     // the subnet; the sets exist (empty) without an IPv6 subnet, so that the chains are the same.
     let (blocked6, masquerade6, described6) = match &plan.v6 {
@@ -917,6 +926,11 @@ table inet {t} {{
 		comment "published ports: host address . protocol . host port -> sandbox address . port"
 {published_elems}	}}
 
+	map {PUBLISHED_ANY} {{
+		type inet_proto . inet_service : ipv4_addr . inet_service
+		comment "ports published on every host address (0.0.0.0): protocol . host port -> sandbox address . port"
+{published_any_elems}	}}
+
 	set {SESSION_PEERS} {{
 		type ipv4_addr . ipv4_addr
 		comment "sandboxes of one session that both opted in (session_peers): source . destination, both ways"
@@ -930,11 +944,13 @@ table inet {t} {{
 	chain nat_prerouting {{
 		type nat hook prerouting priority dstnat; policy accept;
 		fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @{PUBLISHED} comment "published ports"
+		meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @{PUBLISHED_ANY} comment "published on 0.0.0.0"
 	}}
 
 	chain nat_output {{
 		type nat hook output priority -100; policy accept;
 		fib daddr type local dnat ip to ip daddr . meta l4proto . th dport map @{PUBLISHED} comment "published ports, from the host itself"
+		meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @{PUBLISHED_ANY} comment "published on 0.0.0.0, from the host itself"
 	}}
 
 	chain nat_postrouting {{
@@ -1845,7 +1861,11 @@ mod tests {
             });
             sb
         };
-        assert!(render_add(&p, &publish(Ipv4Addr::UNSPECIFIED, 80, 80), &[]).is_err());
+        let any = render_add(&p, &publish(Ipv4Addr::UNSPECIFIED, 80, 81), &[]).unwrap();
+        assert!(
+            any.contains("add element inet sbxt_unit published_any { tcp . 80 comment \"sbxt-a\" : 10.213.0.2 . 81 }"),
+            "{any}"
+        );
         assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 0, 80), &[]).is_err());
         assert!(render_add(&p, &publish(Ipv4Addr::LOCALHOST, 80, 0), &[]).is_err());
         let mut twice = publish(Ipv4Addr::LOCALHOST, 80, 80);
