@@ -157,6 +157,9 @@ pub(crate) struct Entry {
     removed: watch::Sender<bool>,
     /// How many execs are between their start and their answer (see [`Entry::exec_started`]).
     execs: watch::Sender<usize>,
+    /// Held by [`Manager::finalize`] from before it records the end until the sandbox's firewall elements,
+    /// ports and address are released: a removal waits for it, so nothing of a removed sandbox is left.
+    releasing: tokio::sync::Mutex<()>,
 }
 
 /// Held while an exec runs; the sandbox's teardown waits (bounded) for these to be dropped.
@@ -206,6 +209,19 @@ fn persist(dir: &Path, rec: &Record) -> std::io::Result<()> {
     sandbox_runtime::spec::write_json_replace(&dir.join("sandbox.json"), rec)
 }
 
+/// The nameservers a sandbox with `policy` gets in its `/etc/resolv.conf` (as `Network::activate` records
+/// them): the gateway's DNS forwarder when it has `dns_name` rules, else the network's.
+fn nameservers(
+    net: &crate::network::Network,
+    policy: &crate::network::Policy,
+) -> Vec<std::net::Ipv4Addr> {
+    if policy.options.egress.iter().any(|r| r.dns_name.is_some()) {
+        vec![net.gateway()]
+    } else {
+        net.dns().to_vec()
+    }
+}
+
 /// The daemon's state.
 pub struct Manager {
     cfg: Config,
@@ -230,6 +246,9 @@ pub struct Manager {
     /// written there before its cgroup is created and dropped only after the cgroup is gone (or the id has
     /// become a sandbox's, recorded in its own `sandbox.json`).
     pool_ids: StdMutex<std::collections::BTreeSet<String>>,
+    /// Held around taking addresses and around replacing a pooled supervisor's network (release, then
+    /// activate with the same address): nobody can lease that address in between.
+    leasing: StdMutex<()>,
     /// One exec helper per running sandbox, prepared ahead of time (in the sandbox's namespaces and a
     /// leaf cgroup of its own), taken by the next exec; see `sandbox_runtime::exec`.
     exec_slots: StdMutex<std::collections::HashMap<String, crate::helper::Helper>>,
@@ -242,6 +261,9 @@ struct PoolEntry {
     child: tokio::process::Child,
     /// The address and veth its supervisor made (bridge mode).
     lease: Option<crate::network::Lease>,
+    /// Its network, activated with the default policy under the pool entry's id (which becomes the
+    /// sandbox's): a sandbox with that policy finds its firewall elements in place.
+    net: Option<crate::network::NetRecord>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -366,6 +388,7 @@ impl Manager {
             refilling: std::sync::atomic::AtomicBool::new(false),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             pool_ids: StdMutex::new(std::collections::BTreeSet::new()),
+            leasing: StdMutex::new(()),
             exec_slots: StdMutex::new(std::collections::HashMap::new()),
         });
         m.recover().await;
@@ -409,7 +432,13 @@ impl Manager {
         match state_dir {
             Some(dir) => {
                 let log = std::fs::File::create(dir.join("shim.log"))?;
-                cmd.stdin(Stdio::null())
+                // A networked supervisor waits for its go-ahead there.
+                let stdin = if lease.is_some() {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                };
+                cmd.stdin(stdin)
                     .stderr(Stdio::from(log))
                     .env(sandbox_runtime::shim::STATE_DIR_ENV, dir);
             }
@@ -456,8 +485,8 @@ impl Manager {
             }
         }
         for e in dead {
-            if let (Some(net), Some(l)) = (&self.net, &e.lease) {
-                net.unlease(l);
+            if let Some(net) = &self.net {
+                self.release_pooled(net, &e);
             }
             if e.cgroup.destroy().is_ok() {
                 self.pool_ids_changed(|ids| {
@@ -468,7 +497,15 @@ impl Manager {
         while lock(&self.pool).len() < self.cfg.warm_pool
             && !self.shutting_down.load(Ordering::Acquire)
         {
-            let id = random_id();
+            // The id keys the pooled network state too: it must not be a sandbox's (this runs on a blocking
+            // thread, where the registry can be locked).
+            let id = loop {
+                let id = random_id();
+                let sandbox = self.sandboxes.blocking_lock().contains_key(&id);
+                if !sandbox && !lock(&self.pool_ids).contains(&id) {
+                    break id;
+                }
+            };
             self.pool_ids_changed(|ids| {
                 ids.insert(id.clone());
             });
@@ -485,18 +522,18 @@ impl Manager {
                     return;
                 }
             };
-            let lease = match &self.net {
-                Some(net) => match net.lease() {
-                    Ok(l) => Some(l),
+            let (lease, netrec) = match &self.net {
+                Some(net) => match self.lease_pooled(net, &id) {
+                    Ok((l, n)) => (Some(l), Some(n)),
                     Err(e) => {
                         if cgroup.destroy().is_ok() {
                             forget(&id);
                         }
-                        tracing::warn!("no address for a pooled sandbox: {}", e.message);
+                        tracing::warn!("no network for a pooled sandbox: {}", e.message);
                         return;
                     }
                 },
-                None => None,
+                None => (None, None),
             };
             match self.spawn_shim(None, Some(&cgroup), lease.as_ref()) {
                 Ok(child) => lock(&self.pool).push(PoolEntry {
@@ -504,10 +541,11 @@ impl Manager {
                     cgroup,
                     child,
                     lease,
+                    net: netrec,
                 }),
                 Err(e) => {
-                    if let (Some(net), Some(l)) = (&self.net, &lease) {
-                        net.unlease(l);
+                    if let Some(net) = &self.net {
+                        net.release(&id);
                     }
                     if cgroup.destroy().is_ok() {
                         forget(&id);
@@ -519,6 +557,40 @@ impl Manager {
         }
     }
 
+    /// An address for a pooled supervisor, activated with the default policy under the entry's `id` (before
+    /// any sandbox can use it, its elements only let that address be reached and reach out as every default
+    /// sandbox may; nothing runs behind it until a sandbox is assigned).
+    fn lease_pooled(
+        &self,
+        net: &crate::network::Network,
+        id: &str,
+    ) -> Result<(crate::network::Lease, crate::network::NetRecord), ApiError> {
+        let policy = crate::network::validate(None, &[], self.cfg.network.publish_host_ip)?;
+        let lease = self.lease(net)?;
+        match net.activate(id, &lease, &policy) {
+            Ok(n) => Ok((lease, n)),
+            Err(e) => {
+                net.unlease(&lease);
+                Err(e)
+            }
+        }
+    }
+
+    /// The next free address (see `leasing`).
+    fn lease(&self, net: &crate::network::Network) -> Result<crate::network::Lease, ApiError> {
+        let _leasing = lock(&self.leasing);
+        net.lease()
+    }
+
+    /// Gives back a pooled supervisor's address and firewall elements.
+    fn release_pooled(&self, net: &crate::network::Network, e: &PoolEntry) {
+        if e.net.is_some() {
+            net.release(&e.id);
+        } else if let Some(l) = &e.lease {
+            net.unlease(l);
+        }
+    }
+
     /// Takes a pooled supervisor whose id is still free (the caller holds the registry lock).
     fn take_pooled(&self, taken: &BTreeMap<String, Arc<Entry>>) -> Option<PoolEntry> {
         let mut pool = lock(&self.pool);
@@ -526,18 +598,23 @@ impl Manager {
         Some(pool.swap_remove(i))
     }
 
-    /// Hands the sandbox in `dir` to its supervisor: the pooled one, or a fresh one.
+    /// Hands the sandbox in `dir` to its supervisor: the pooled one, or a fresh one. A networked supervisor
+    /// keeps its stdin open for its go-ahead (see `sandbox_runtime::shim::GO_LINE`); `lease` gets a fresh
+    /// veth name when a fresh supervisor replaces a pooled one.
     async fn launch_shim(
         &self,
         entry: &Entry,
         pooled: Option<PoolEntry>,
+        lease: Option<&mut crate::network::Lease>,
     ) -> Result<tokio::process::Child, ApiError> {
         let dir = entry.dir.as_path();
+        let replaced = pooled.is_some();
         if let Some(mut e) = pooled {
             if let Some(mut stdin) = e.child.stdin.take() {
                 let mut line = dir.as_os_str().as_encoded_bytes().to_vec();
                 line.push(b'\n');
                 if stdin.write_all(&line).await.is_ok() {
+                    e.child.stdin = Some(stdin);
                     return Ok(e.child);
                 }
             }
@@ -547,19 +624,16 @@ impl Manager {
         }
         // A fresh supervisor makes a fresh link (the old one may linger in its dying namespace for a moment):
         // same address, new name.
-        let lease = match (&self.net, entry.snapshot().net) {
-            (Some(net), Some(n)) => {
-                let l = net.renamed(&n.address);
-                entry.update(|r| {
-                    if let Some(rn) = r.net.as_mut() {
-                        rn.host_if = l.host_if.clone();
-                    }
-                });
-                Some(l)
+        let lease = match (&self.net, lease) {
+            (Some(net), Some(l)) => {
+                if replaced {
+                    *l = net.renamed(&l.address);
+                }
+                Some(&*l)
             }
             _ => None,
         };
-        self.spawn_shim(Some(dir), None, lease.as_ref())
+        self.spawn_shim(Some(dir), None, lease)
             .map_err(|e| internal("starting the sandbox supervisor", e))
     }
 
@@ -593,8 +667,8 @@ impl Manager {
         for mut e in entries {
             drop(e.child.stdin.take());
             let _ = e.child.wait().await;
-            if let (Some(net), Some(l)) = (&self.net, &e.lease) {
-                net.unlease(l);
+            if let Some(net) = &self.net {
+                self.release_pooled(net, &e);
             }
             let cg = e.cgroup;
             if let Ok(Ok(())) = tokio::task::spawn_blocking(move || cg.destroy()).await {
@@ -791,7 +865,7 @@ impl Manager {
                 Some(p) => p.id.clone(),
                 None => loop {
                     let id = random_id();
-                    if !map.contains_key(&id) {
+                    if !map.contains_key(&id) && !lock(&self.pool_ids).contains(&id) {
                         break id;
                     }
                 },
@@ -931,6 +1005,7 @@ impl Manager {
             status: tx,
             removed: watch::channel(false).0,
             execs: watch::channel(0).0,
+            releasing: tokio::sync::Mutex::new(()),
         });
         map.insert(id, entry.clone());
         Ok((entry, rec))
@@ -985,95 +1060,102 @@ impl Manager {
         mounts: &crate::files::MountPlan,
         policy: &crate::network::Policy,
     ) -> Result<SandboxInfo, ApiError> {
-        // The address (a pooled supervisor's link has it already), published ports and firewall rules, in
-        // place before the init runs; `discard` undoes them if the creation fails later.
-        let net_spec = match &self.net {
-            Some(net) => {
-                let lease = match pooled.as_mut().and_then(|p| p.lease.take()) {
-                    Some(l) => l,
-                    None => net.lease()?,
-                };
-                let netrec = match net.activate(&rec.id, &lease, policy) {
-                    Ok(n) => n,
+        // The address: a pooled supervisor's link has it already (and its firewall elements, for the default
+        // policy).
+        let pre = pooled.as_mut().and_then(|p| p.net.take());
+        let mut lease = match &self.net {
+            Some(net) => match pooled.as_mut().and_then(|p| p.lease.take()) {
+                Some(l) => Some(l),
+                None => match self.lease(net) {
+                    Ok(l) => Some(l),
                     Err(e) => {
-                        net.unlease(&lease);
                         if let Some(p) = pooled.take() {
-                            // Its link has this address: the supervisor goes with the failed create.
                             self.dismiss_pooled(p).await;
                         }
                         return Err(e);
                     }
-                };
-                // The sandbox's own nameservers (the gateway's DNS forwarder with dns_name rules).
-                let dns = netrec.dns.iter().map(ToString::to_string).collect();
-                entry.update(|r| r.net = Some(netrec));
-                Some(sandbox_runtime::spec::SandboxNetSpec {
-                    address: lease.address,
-                    prefix_len: net.prefix_len(),
-                    gateway: net.gateway(),
-                    dns,
-                    dns_search: self.cfg.network.dns_search.clone(),
-                })
-            }
+                },
+            },
             None => None,
         };
-        let cg_limits = Limits {
-            memory_bytes: limits.memory_bytes,
-            cpu_millis: limits.cpu_millis,
-            pids: limits.pids,
+        let net_spec = match (&self.net, &lease) {
+            (Some(net), Some(l)) => Some(sandbox_runtime::spec::SandboxNetSpec {
+                address: l.address,
+                prefix_len: net.prefix_len(),
+                gateway: net.gateway(),
+                dns: nameservers(net, policy)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                dns_search: self.cfg.network.dns_search.clone(),
+            }),
+            _ => None,
         };
-        let requests = sandbox_runtime::cgroups::Requests {
-            cpu_millis: rec.requests.cpu_millis,
-            memory_bytes: rec.requests.memory_bytes,
-        };
-        let cgroups = self.cgroups.clone();
-        let id = rec.id.clone();
         let pooled_cg = pooled.as_ref().map(|p| p.cgroup.clone());
-        let cgroup = tokio::task::spawn_blocking(move || {
-            let cg = match pooled_cg {
-                Some(cg) => cgroups.apply_limits(&cg, &cg_limits).map(|()| cg),
-                None => cgroups.create(&id, &cg_limits),
-            }?;
-            cgroups.apply_requests(&cg, &requests).map(|()| cg)
-        })
-        .await
-        .map_err(|e| internal("cgroup creation", e))?
-        .map_err(|e| {
-            ApiError::new(
-                ErrorCode::StartFailed,
-                format!("setting up the sandbox's cgroup: {e}"),
-            )
-        })?;
-        entry.update(|r| r.cgroup = Some(cgroup.clone()));
-
-        let (images, img) = (self.images.clone(), image.clone());
-        let layers = tokio::task::spawn_blocking(move || images.layer_dirs(&img))
+        let launched = match self
+            .write_spec(entry, rec, image, limits, mounts, pooled_cg, net_spec)
             .await
-            .map_err(|e| internal("image layers", e))?;
-        let (mounted_files, volumes) =
-            crate::files::stage_mounts(&entry.dir, mounts, rec.host_uid).await?;
-        let spec = SandboxSpec {
-            id: rec.id.clone(),
-            hostname: rec.name.clone(),
-            state_dir: entry.dir.clone(),
-            layers,
-            host_uid: rec.host_uid,
-            log_max_bytes: Some(self.cfg.logs.max_bytes),
-            cgroup,
-            process: if rec.command.is_empty() {
-                None
-            } else {
-                Some(rec.process.clone())
-            },
-            mounted_files,
-            volumes,
-            network: net_spec,
+        {
+            Ok(()) => self.launch_shim(entry, pooled, lease.as_mut()).await,
+            Err(e) => {
+                if let Some(p) = pooled {
+                    // Its link has this address: the supervisor goes with the failed create.
+                    self.dismiss_pooled(p).await;
+                }
+                Err(e)
+            }
         };
-        let spec_data =
-            serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
-        std::fs::write(entry.dir.join("spec.json"), spec_data)
-            .map_err(|e| internal("writing spec.json", e))?;
-        let mut child = self.launch_shim(entry, pooled).await?;
+        let mut child = match launched {
+            Ok(c) => c,
+            Err(e) => {
+                // A pooled supervisor's network is released by `discard`, under the sandbox's id.
+                if let (Some(net), Some(l), None) = (&self.net, &lease, &pre) {
+                    net.unlease(l);
+                }
+                return Err(e);
+            }
+        };
+        let stdin = child.stdin.take();
+        // Recorded with the start: a creation interrupted before has nothing of its network left after a
+        // restart (the table is rebuilt from the running sandboxes).
+        let mut netrec = None;
+        if let (Some(net), Some(lease)) = (&self.net, &lease) {
+            // Published ports and firewall elements, added while the supervisor prepares the sandbox (it lets
+            // the init go only on the line below, once they are in place); `discard` undoes them if the
+            // creation fails later.
+            let activated = match pre {
+                // The pooled supervisor's, activated with this very policy and link.
+                Some(n)
+                    if n.host_if == lease.host_if
+                        && n.policy == policy.options
+                        && policy.services() == 0 =>
+                {
+                    Ok(n)
+                }
+                Some(_) => {
+                    // The pooled elements give way to the sandbox's own; the address stays taken.
+                    let _leasing = lock(&self.leasing);
+                    net.release(&rec.id);
+                    self.activate(&rec.id, net, lease, policy)
+                }
+                None => self.activate(&rec.id, net, lease, policy),
+            };
+            match activated {
+                Ok(n) => netrec = Some(n),
+                Err(e) => {
+                    drop(stdin);
+                    // Without its go-ahead the supervisor ends the init and exits.
+                    let _ = child.wait().await;
+                    return Err(e);
+                }
+            }
+            let mut line = sandbox_runtime::shim::GO_LINE.as_bytes().to_vec();
+            line.push(b'\n');
+            if let Some(mut stdin) = stdin {
+                // A supervisor that is gone reports nothing: the report below says so.
+                let _ = stdin.write_all(&line).await;
+            }
+        }
         let stdout = child
             .stdout
             .take()
@@ -1122,6 +1204,7 @@ impl Manager {
         let rec = entry.update(|r| {
             r.init = Some(init);
             r.shim = shim;
+            r.net = netrec;
             r.started_at_ms = Some(sandbox_runtime::spec::now_ms());
             r.set_status(SandboxStatus::Running, None);
         });
@@ -1158,6 +1241,107 @@ impl Manager {
         Ok(rec.info())
     }
 
+    /// Sets the sandbox's cgroup up (the pooled supervisor's, or a new one), stages its mounts and writes
+    /// `spec.json` for its supervisor.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_spec(
+        &self,
+        entry: &Arc<Entry>,
+        rec: &Record,
+        image: &StoredImage,
+        limits: &ResourceLimits,
+        mounts: &crate::files::MountPlan,
+        pooled_cg: Option<SandboxCgroup>,
+        network: Option<sandbox_runtime::spec::SandboxNetSpec>,
+    ) -> Result<(), ApiError> {
+        let cg_limits = Limits {
+            memory_bytes: limits.memory_bytes,
+            cpu_millis: limits.cpu_millis,
+            pids: limits.pids,
+        };
+        let requests = sandbox_runtime::cgroups::Requests {
+            cpu_millis: rec.requests.cpu_millis,
+            memory_bytes: rec.requests.memory_bytes,
+        };
+        let cgroups = self.cgroups.clone();
+        let id = rec.id.clone();
+        let cgroup = tokio::task::spawn_blocking(move || {
+            let cg = match pooled_cg {
+                Some(cg) => cgroups.apply_limits(&cg, &cg_limits).map(|()| cg),
+                None => cgroups.create(&id, &cg_limits),
+            }?;
+            cgroups.apply_requests(&cg, &requests).map(|()| cg)
+        })
+        .await
+        .map_err(|e| internal("cgroup creation", e))?
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::StartFailed,
+                format!("setting up the sandbox's cgroup: {e}"),
+            )
+        })?;
+        entry.update(|r| r.cgroup = Some(cgroup.clone()));
+
+        let (images, img) = (self.images.clone(), image.clone());
+        let layers = tokio::task::spawn_blocking(move || images.layer_dirs(&img))
+            .await
+            .map_err(|e| internal("image layers", e))?;
+        let (mounted_files, volumes) =
+            crate::files::stage_mounts(&entry.dir, mounts, rec.host_uid).await?;
+        let spec = SandboxSpec {
+            id: rec.id.clone(),
+            hostname: rec.name.clone(),
+            state_dir: entry.dir.clone(),
+            layers,
+            host_uid: rec.host_uid,
+            log_max_bytes: Some(self.cfg.logs.max_bytes),
+            cgroup,
+            process: if rec.command.is_empty() {
+                None
+            } else {
+                Some(rec.process.clone())
+            },
+            mounted_files,
+            volumes,
+            network,
+        };
+        let spec_data =
+            serde_json::to_vec_pretty(&spec).map_err(|e| internal("encoding the spec", e))?;
+        std::fs::write(entry.dir.join("spec.json"), spec_data)
+            .map_err(|e| internal("writing spec.json", e))?;
+        Ok(())
+    }
+
+    /// Binds the sandbox's published ports and adds its firewall elements. On error nothing of it stays (the
+    /// address is returned too).
+    fn activate(
+        &self,
+        id: &str,
+        net: &crate::network::Network,
+        lease: &crate::network::Lease,
+        policy: &crate::network::Policy,
+    ) -> Result<crate::network::NetRecord, ApiError> {
+        let netrec = match net.activate(id, lease, policy) {
+            Ok(n) => n,
+            Err(e) => {
+                net.unlease(lease);
+                return Err(e);
+            }
+        };
+        // spec.json was written before, with the nameservers `nameservers` expects.
+        if netrec.dns != nameservers(net, policy) {
+            net.release(id);
+            return Err(internal(
+                "network",
+                format!(
+                    "the sandbox's nameservers {:?} differ from those in its spec",
+                    netrec.dns
+                ),
+            ));
+        }
+        Ok(netrec)
+    }
+
     /// Removes every trace of a sandbox that failed to start.
     async fn discard(&self, entry: &Arc<Entry>) {
         let rec = entry.snapshot();
@@ -1182,6 +1366,7 @@ impl Manager {
         let Ok(entry) = self.entry(id).await else {
             return;
         };
+        let releasing = entry.releasing.lock().await;
         let rec = entry.snapshot();
         if rec.status.is_terminal() {
             return;
@@ -1241,9 +1426,16 @@ impl Manager {
         });
         tracing::info!(id = %rec.id, status = %rec.status, reason = ?rec.status_reason, "sandbox ended");
         if let Some(net) = &self.net {
-            // Rules, published ports and the address go; the link goes with the sandbox's netns.
-            net.release(&rec.id);
+            // Rules, published ports and the address go; the link goes with the sandbox's netns. After a yield
+            // and on a blocking thread: whoever waits for the end (woken just above, possibly queued on this
+            // very worker) hears of it first, without waiting for the firewall transaction.
+            tokio::task::yield_now().await;
+            let (net, id) = (net.clone(), rec.id.clone());
+            if let Err(e) = tokio::task::spawn_blocking(move || net.release(&id)).await {
+                tracing::warn!(id = %rec.id, "releasing the sandbox's network: {e}");
+            }
         }
+        drop(releasing);
         // Execs in flight: their commands died with the pid namespace (or had just finished); their helpers
         // report now. Bounded: a client that stopped reading a stream's output does not hold this up.
         let mut execs = entry.execs.subscribe();
@@ -1414,6 +1606,13 @@ impl Manager {
             }
         }
         signal(libc::SIGKILL);
+        if let Some(net) = &self.net {
+            // The sandbox is being killed: its ports, address and firewall elements (which only ever let its
+            // traffic through) go alongside its end rather than after it. `finalize` releases whatever is left
+            // (after this, if this is under way), and a removal waits for that.
+            let (net, id) = (net.clone(), rec.id.clone());
+            drop(tokio::task::spawn_blocking(move || net.release(&id)));
+        }
         if tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| s.is_terminal()))
             .await
             .is_err()
@@ -1455,6 +1654,8 @@ impl Manager {
         let Some(entry) = self.sandboxes.lock().await.get(id).cloned() else {
             return Ok(());
         };
+        // A sandbox that has just ended may still be releasing its network state (see `finalize`).
+        drop(entry.releasing.lock().await);
         // The supervisor reports the exit just before it exits: a removal answers once it is gone (bounded;
         // a supervisor that hangs is not waited for forever).
         if let Some(s) = entry.snapshot().shim {
@@ -1992,6 +2193,7 @@ impl Manager {
                 status: tx,
                 removed: watch::channel(false).0,
                 execs: watch::channel(0).0,
+                releasing: tokio::sync::Mutex::new(()),
             });
             self.sandboxes.lock().await.insert(rec.id.clone(), entry);
             if rec.status.is_terminal() {

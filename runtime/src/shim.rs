@@ -12,7 +12,8 @@
 //! 4. as the parent, writes the init's uid/gid maps (root inside = `host_uid` outside), puts it into the
 //!    sandbox's cgroup, bind-mounts each image layer idmapped through the sandbox's user namespace, mounts
 //!    the overlay (layers read-only, the sandbox's own upper) and a read-only sysfs on its `/sys` (the
-//!    init could not: the network namespace is not its own) — then lets the init go on;
+//!    init could not: the network namespace is not its own) — then lets the init go on (a networked
+//!    sandbox's once the daemon has sent [`GO_LINE`]: its firewall elements are in place);
 //! 5. reports `StartReport` on its stdout (one JSON line) and detaches from the daemon;
 //! 6. reads the main process's stdout and stderr from two pipes into the sandbox's bounded log
 //!    ([`crate::logs`]), polling them together with the init's status pipe and pidfd (no timer unless a
@@ -88,6 +89,11 @@ pub const STATE_DIR_ENV: &str = "SANDBOXD_SHIM_STATE_DIR";
 /// the init joins it while the supervisor waits for a sandbox, so that a creation does not wait for the
 /// kernel's cgroup-migration grace period.
 pub const POOL_CGROUP_ENV: &str = "SANDBOXD_SHIM_POOL_CGROUP";
+
+/// The line a networked sandbox's supervisor waits for on its stdin before it lets the init go: the daemon
+/// sends it once the sandbox's firewall elements are in place (it adds them while the supervisor prepares
+/// the rootfs). End-of-file instead: the creation failed, the init is ended.
+pub const GO_LINE: &str = "go";
 
 /// Namespaces the init is cloned into; the cgroup namespace is unshared by the init itself once the
 /// supervisor has put it into its cgroup. Not the network namespace: the init shares the supervisor's,
@@ -390,6 +396,9 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
         prepare_child(spec, pid, attached, &rootfs, &upper, &work)
     })();
     prepared.map_err(fail)?;
+    if spec.network.is_some() {
+        wait_for_go().map_err(fail)?;
+    }
 
     // The go message is the state directory: the init reads its spec from there.
     let mut go_w = File::from(pre.go);
@@ -426,6 +435,20 @@ fn start(spec: &SandboxSpec, pre: Prepared) -> Result<Init, ShimError> {
         out: pre.out,
         err: pre.err,
     })
+}
+
+/// Waits for the daemon's [`GO_LINE`] on stdin.
+fn wait_for_go() -> Result<(), ShimError> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(step("reading the daemon's go-ahead"))?;
+    if line.trim_end() != GO_LINE {
+        return Err(ShimError::Init(
+            "the daemon did not confirm the sandbox's firewall rules".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 /// The supervisor's half of setup, while the init waits: id maps, cgroup, idmapped layers, overlay.
