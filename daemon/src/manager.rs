@@ -209,19 +209,6 @@ fn persist(dir: &Path, rec: &Record) -> std::io::Result<()> {
     sandbox_runtime::spec::write_json_replace(&dir.join("sandbox.json"), rec)
 }
 
-/// The nameservers a sandbox with `policy` gets in its `/etc/resolv.conf` (as `Network::activate` records
-/// them): the gateway's DNS forwarder when it has `dns_name` rules, else the network's.
-fn nameservers(
-    net: &crate::network::Network,
-    policy: &crate::network::Policy,
-) -> Vec<std::net::Ipv4Addr> {
-    if policy.options.egress.iter().any(|r| r.dns_name.is_some()) {
-        vec![net.gateway()]
-    } else {
-        net.dns().to_vec()
-    }
-}
-
 /// The daemon's state.
 pub struct Manager {
     cfg: Config,
@@ -1083,7 +1070,8 @@ impl Manager {
                 address: l.address,
                 prefix_len: net.prefix_len(),
                 gateway: net.gateway(),
-                dns: nameservers(net, policy)
+                dns: net
+                    .nameservers(policy)
                     .iter()
                     .map(ToString::to_string)
                     .collect(),
@@ -1321,25 +1309,9 @@ impl Manager {
         lease: &crate::network::Lease,
         policy: &crate::network::Policy,
     ) -> Result<crate::network::NetRecord, ApiError> {
-        let netrec = match net.activate(id, lease, policy) {
-            Ok(n) => n,
-            Err(e) => {
-                net.unlease(lease);
-                return Err(e);
-            }
-        };
-        // spec.json was written before, with the nameservers `nameservers` expects.
-        if netrec.dns != nameservers(net, policy) {
-            net.release(id);
-            return Err(internal(
-                "network",
-                format!(
-                    "the sandbox's nameservers {:?} differ from those in its spec",
-                    netrec.dns
-                ),
-            ));
-        }
-        Ok(netrec)
+        // spec.json was written before, with the same `Network::nameservers`.
+        net.activate(id, lease, policy)
+            .inspect_err(|_| net.unlease(lease))
     }
 
     /// Removes every trace of a sandbox that failed to start.

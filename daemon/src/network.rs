@@ -575,12 +575,6 @@ impl Network {
         }))
     }
 
-    /// The nameservers sandboxes get (those with `dns_name` rules get the gateway instead: see
-    /// [`NetRecord::dns`]).
-    pub fn dns(&self) -> &[Ipv4Addr] {
-        &self.dns
-    }
-
     /// The gateway (the bridge's address).
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
@@ -632,6 +626,16 @@ impl Network {
             ),
         )
         .with_details(serde_json::json!({"resource": "addresses"})))
+    }
+
+    /// The nameservers of a sandbox with `policy` (its `/etc/resolv.conf`): with `dns_name` rules the
+    /// gateway's forwarder (which alone knows what the sandbox may resolve), else the network's.
+    pub fn nameservers(&self, policy: &Policy) -> Vec<Ipv4Addr> {
+        if policy.dns.is_empty() {
+            self.dns.clone()
+        } else {
+            vec![self.gateway]
+        }
     }
 
     /// The IPv6 address that goes with a sandbox's IPv4 address: the IPv6 subnet's start plus the IPv4
@@ -764,6 +768,7 @@ impl Network {
         }
         st.used.insert(lease.address);
         let dns = !policy.dns.is_empty();
+        let nameservers = self.nameservers(policy);
         self.dns_clients.set(lease.address, policy.dns.clone());
         st.active.insert(
             id.to_owned(),
@@ -779,12 +784,7 @@ impl Network {
             policy: policy.options.clone(),
             exposed,
             gateway: self.gateway,
-            // Names go through the forwarder (which alone knows what the sandbox may resolve).
-            dns: if dns {
-                vec![self.gateway]
-            } else {
-                self.dns.clone()
-            },
+            dns: nameservers,
             peer_group: policy.peer_group.clone(),
             address6: self.address6(lease.address),
             gateway6: self.plan.v6.map(|v| v.gateway),
