@@ -52,6 +52,13 @@ fn with_services(name: &str, services: Vec<ServiceSpec>) -> CreateSandboxRequest
     r
 }
 
+fn deny_egress() -> NetworkOptions {
+    NetworkOptions {
+        deny_egress: true,
+        ..NetworkOptions::default()
+    }
+}
+
 fn open_ingress() -> NetworkOptions {
     NetworkOptions {
         deny_ingress: false,
@@ -267,16 +274,7 @@ fn deny_egress_blocks_everything_out_but_loopback_works() {
     let (world, d) = world_and_daemon();
     let c = d.client();
     let open = create(&c, &idle("net-open"));
-    let closed = create(
-        &c,
-        &with_network(
-            "net-closed",
-            NetworkOptions {
-                deny_egress: true,
-                ..NetworkOptions::default()
-            },
-        ),
-    );
+    let closed = create(&c, &with_network("net-closed", deny_egress()));
     assert!(closed.network.as_ref().expect("network").policy.deny_egress);
 
     wget_blocked(&c, &closed.id, &url(world.a, 8080));
@@ -1195,16 +1193,7 @@ fn ipv6_where_configured_egress_through_nat_ingress_and_isolation() {
     let (_, gateway6) = d.network.subnet6.clone().expect("an IPv6 subnet");
     let open = create(&c, &with_network("v6-open", open_ingress()));
     let closed = create(&c, &idle("v6-closed"));
-    let denied = create(
-        &c,
-        &with_network(
-            "v6-deny",
-            NetworkOptions {
-                deny_egress: true,
-                ..NetworkOptions::default()
-            },
-        ),
-    );
+    let denied = create(&c, &with_network("v6-deny", deny_egress()));
     let allow_list = create(
         &c,
         &with_network(
@@ -1657,16 +1646,7 @@ fn a_daemon_kill_and_restart_keeps_sandboxes_networking_intact() {
     let c = d.client();
     let s1 = create(&c, &idle("rs-net-1"));
     let s2 = create(&c, &with_services("rs-net-2", vec![service(8000)]));
-    let shut = create(
-        &c,
-        &with_network(
-            "rs-net-3",
-            NetworkOptions {
-                deny_egress: true,
-                ..NetworkOptions::default()
-            },
-        ),
-    );
+    let shut = create(&c, &with_network("rs-net-3", deny_egress()));
     start_httpd(&c, &s2.id, 8000, "before");
     start_httpd(&c, &s1.id, 8001, "s1");
     let published =
